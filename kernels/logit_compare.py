@@ -1,0 +1,516 @@
+"""Fused logit comparison: one read of two [N, V] logit tensors -> per-row metrics.
+
+For each row, with reference logits x, quantized logits y, running maxima m_x, m_y (the
+online-softmax anchors) and a fixed per-program shift c (m_y − m_x of the first tile):
+
+    w_i = exp(x_i − m_x)   v_i = exp(y_i − m_y)   t_i = y_i − x_i − c
+    s_x = Σ w   s_y = Σ v   h_x = Σ w (x − m_x)   h_y = Σ v (y − m_y)
+    U = Σ w expm1(t)   A = Σ w t   B = Σ v t
+    KL(P‖Q) = log1p(U/s_x) − A/s_x          (small terms only: exact down to KL ~ 1e-8)
+    KL(Q‖P) = log1p(U_r/s_y) + B/s_y,  U_r = Σ v expm1(−t) = −exp(κ) U,  κ = m_x − m_y + c
+    H(P) = log s_x − h_x/s_x,   H(Q) = log s_y − h_y/s_y
+
+The sums over w and v are rescaled by exp(m_old − m_new) when a tile raises a maximum. Cosine
+and MSE accumulate Σxy, Σx², Σy², Σ(x−y)² over positions where both logits are finite. The
+reference top-k threshold (k-th largest x, with multiplicity) is kept in a small register
+buffer that a tile only touches when it holds values above the current threshold; the quant
+argmax j is in the reference top-k iff x_j ≥ that threshold, i.e. #{i: x_i > x_j} < k.
+
+A program handles one row, or one slice of V of one row when there are too few rows to fill
+the GPU ("splits"); a second kernel then merges the partial states. Only per-row values are
+written: memory traffic is one read of each logit tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Order of the per-row outputs in the [NUM_OUTPUTS, N] fp32 result.
+OUTPUTS = (
+    "kl", "reverse_kl", "entropy_ref", "entropy_quant", "cosine", "mse",
+    "top1_match", "topk_match", "finite", "nll_ref", "nll_quant", "prob_ref", "prob_quant",
+)  # fmt: skip
+NUM_OUTPUTS = len(OUTPUTS)
+# Float fields of a partial (per split) state, in order; two int32 argmax indices go apart.
+STATE = (
+    "m_x", "s_x", "h_x", "m_y", "s_y", "h_y", "c", "c_set", "u", "a", "b",
+    "xy", "xx", "yy", "dd", "n_both", "n_bad", "n_fwd_inf", "n_rev_inf",
+    "ax_val", "ay_val", "x_at_ay",
+)  # fmt: skip
+NUM_STATE = len(STATE)
+MAX_TOP_K = 64
+
+_NEG_INF = float("-inf")
+_POS_INF = float("inf")
+
+
+@triton.jit
+def _expm1(t):
+    """expm1 in fp32: degree-8 Taylor polynomial for |t| < 1/4 (error < 1e-11 relative),
+    exp(t) − 1 elsewhere (where it loses no digits)."""
+    p = 1.0 + t * (1.0 / 7.0) * (1.0 + t * (1.0 / 8.0))
+    p = 1.0 + t * (1.0 / 6.0) * p
+    p = 1.0 + t * (1.0 / 5.0) * p
+    p = 1.0 + t * (1.0 / 4.0) * p
+    p = 1.0 + t * (1.0 / 3.0) * p
+    p = 1.0 + t * (1.0 / 2.0) * p
+    p = t * p
+    return tl.where(tl.abs(t) < 0.25, p, tl.exp(t) - 1.0)
+
+
+@triton.jit
+def _anchor(m_old, m_new):
+    """Finite anchor for exp(· − anchor) and the factor exp(m_old − anchor) rescaling old sums."""
+    anchor = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    return anchor, tl.exp(m_old - anchor)
+
+
+@triton.jit
+def _shifted_entropy_sum(h, s, m_old, anchor, alpha):
+    """Σ w (x − anchor) of the old terms under the new anchor: α (h + s (m_old − anchor))."""
+    return alpha * (h + s * tl.where(s > 0, m_old - anchor, 0.0))
+
+
+@triton.jit
+def _kth_largest_insert(top, lanes_k, vals, cand, lanes):
+    """Insert the candidate values ``vals[cand]`` into ``top`` (the k largest so far, padded
+    with +inf) and return it with its new minimum, the k-th largest value."""
+    thr = tl.min(top, axis=0)
+    cand = cand & (vals > thr)
+    n_cand = tl.sum(cand.to(tl.int32), axis=0)
+    while n_cand > 0:
+        cv, ci = tl.max(tl.where(cand, vals, _NEG_INF), axis=0, return_indices=True)
+        slot = tl.argmin(top, axis=0)
+        top = tl.where(lanes_k == slot, cv, top)
+        thr = tl.min(top, axis=0)
+        cand = cand & (lanes != ci) & (vals > thr)
+        n_cand = tl.sum(cand.to(tl.int32), axis=0)
+    return top, thr
+
+
+@triton.jit
+def _finalize(
+    out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+    m_x, s_x, h_x, m_y, s_y, h_y, c, u, a, b, xy, xx, yy, dd, n_both, n_bad,
+    n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth,
+    HAS_LABELS: tl.constexpr,
+):  # fmt: skip
+    """Turn one row's merged state into the outputs (float64 scalar math) and store them."""
+    f64 = tl.float64
+    finite = (n_bad == 0) & (m_x > _NEG_INF) & (m_y > _NEG_INF)
+    nan = float("nan")
+    ax_ = tl.where(m_x == _NEG_INF, 0.0, m_x).to(f64)  # the anchors used for w and v
+    ay_ = tl.where(m_y == _NEG_INF, 0.0, m_y).to(f64)
+    sx, sy = s_x.to(f64), s_y.to(f64)
+    log_sx, log_sy = tl.log(sx), tl.log(sy)
+    kl = tl.log(1.0 + u.to(f64) / sx) - a.to(f64) / sx
+    kl = tl.where(n_fwd_inf > 0, _POS_INF, kl)
+    kappa = ax_ - ay_ + c.to(f64)
+    u_rev = -tl.exp(kappa) * u.to(f64)
+    rkl = tl.log(1.0 + u_rev / sy) + b.to(f64) / sy
+    rkl = tl.where(n_rev_inf > 0, _POS_INF, rkl)
+    ent_x = log_sx - h_x.to(f64) / sx
+    ent_y = log_sy - h_y.to(f64) / sy
+    denom = tl.sqrt(xx.to(f64) * yy.to(f64))
+    cosine = tl.where(denom > 0, xy.to(f64) / tl.where(denom > 0, denom, 1.0), 0.0)
+    cosine = tl.minimum(tl.maximum(cosine, -1.0), 1.0)
+    mse = tl.where(n_both > 0, dd.to(f64) / tl.maximum(n_both, 1.0).to(f64), nan)
+    top1 = tl.where(finite & (ax_idx == ay_idx), 1.0, 0.0)
+    topk = tl.where(finite & (x_at_ay >= kth), 1.0, 0.0)
+
+    o = out_ptr + row
+    tl.store(o + 0 * N, tl.where(finite, kl, nan).to(tl.float32))
+    tl.store(o + 1 * N, tl.where(finite, rkl, nan).to(tl.float32))
+    tl.store(o + 2 * N, tl.where(finite, ent_x, nan).to(tl.float32))
+    tl.store(o + 3 * N, tl.where(finite, ent_y, nan).to(tl.float32))
+    tl.store(o + 4 * N, tl.where(finite, cosine, nan).to(tl.float32))
+    tl.store(o + 5 * N, tl.where(finite, mse, nan).to(tl.float32))
+    tl.store(o + 6 * N, top1.to(tl.float32))
+    tl.store(o + 7 * N, topk.to(tl.float32))
+    tl.store(o + 8 * N, tl.where(finite, 1.0, 0.0).to(tl.float32))
+    if HAS_LABELS:
+        label = tl.load(label_ptr + row)
+        scored = label != ignore_index
+        safe = tl.where(scored, label, 0)
+        x_t = tl.load(ref_row + safe).to(f64)
+        y_t = tl.load(quant_row + safe).to(f64)
+        nll_x = (ax_ - x_t) + log_sx
+        nll_y = (ay_ - y_t) + log_sy
+        keep = finite & scored
+        tl.store(o + 9 * N, tl.where(keep, nll_x, nan).to(tl.float32))
+        tl.store(o + 10 * N, tl.where(keep, nll_y, nan).to(tl.float32))
+        tl.store(o + 11 * N, tl.where(keep, tl.exp(-nll_x), nan).to(tl.float32))
+        tl.store(o + 12 * N, tl.where(keep, tl.exp(-nll_y), nan).to(tl.float32))
+
+
+@triton.jit
+def _logit_compare_kernel(
+    ref_ptr,  # [N, V] reference logits (fp32/fp16/bf16), unit stride along V
+    ref_stride,  # elements between consecutive rows of ref
+    quant_ptr,  # [N, V] quantized-model logits, same dtype rules
+    quant_stride,  # elements between consecutive rows of quant
+    label_ptr,  # [N] int64 labels (unused unless HAS_LABELS)
+    out_ptr,  # [NUM_OUTPUTS, N] fp32 per-row outputs (written when SPLITS == 1)
+    state_ptr,  # [N, SPLITS, NUM_STATE] fp32 partial states (written when SPLITS > 1)
+    index_ptr,  # [N, SPLITS, 2] int32 partial argmax indices (ref, quant)
+    top_ptr,  # [N, SPLITS, KP] fp32 partial top-k buffers
+    N, V, v_per_split, ignore_index, top_k,
+    SPLITS,  # programs per row along V
+    HAS_LABELS: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,  # SPLITS > 1: store the partial state for the merge kernel
+    NUM_STATE_: tl.constexpr,
+    KP: tl.constexpr,  # power of two ≥ top_k
+    BLOCK_V: tl.constexpr,  # tile width along V
+):  # fmt: skip
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    ref_row = ref_ptr + row64 * ref_stride
+    quant_row = quant_ptr + row64 * quant_stride
+    v_start = split * v_per_split
+    v_stop = tl.minimum(v_start + v_per_split, V)
+
+    lanes = tl.arange(0, BLOCK_V)
+    lanes_k = tl.arange(0, KP)
+    f32 = tl.float32
+    zero = tl.zeros([], f32)
+    m_x = zero + _NEG_INF
+    m_y = zero + _NEG_INF
+    s_x = zero
+    s_y = zero
+    h_x = zero
+    h_y = zero
+    c = zero
+    c_set = zero
+    u = zero
+    a = zero
+    b = zero
+    xy = zero
+    xx = zero
+    yy = zero
+    dd = zero
+    n_both = zero
+    n_bad = zero
+    n_fwd_inf = zero
+    n_rev_inf = zero
+    ax_val = zero + _NEG_INF
+    ay_val = zero + _NEG_INF
+    x_at_ay = zero + _NEG_INF
+    ax_idx = tl.zeros([], tl.int32)
+    ay_idx = tl.zeros([], tl.int32)
+    top = tl.where(lanes_k < top_k, _NEG_INF, _POS_INF).to(f32)
+
+    for start in range(v_start, v_stop, BLOCK_V):
+        offs = start + lanes
+        mask = offs < v_stop
+        x = tl.load(ref_row + offs, mask=mask, other=_NEG_INF).to(f32)
+        y = tl.load(quant_row + offs, mask=mask, other=_NEG_INF).to(f32)
+        # NaN and +inf are counted and then treated as masked (-inf) so the sums stay finite.
+        bad_x = (x != x) | (x == _POS_INF)
+        bad_y = (y != y) | (y == _POS_INF)
+        n_bad += tl.sum((bad_x | bad_y).to(f32), axis=0)
+        x = tl.where(bad_x, _NEG_INF, x)
+        y = tl.where(bad_y, _NEG_INF, y)
+        fx = x > _NEG_INF
+        fy = y > _NEG_INF
+        both = fx & fy
+        n_fwd_inf += tl.sum((fx & ~fy).to(f32), axis=0)
+        n_rev_inf += tl.sum((fy & ~fx).to(f32), axis=0)
+
+        tmx, tax = tl.max(x, axis=0, return_indices=True)
+        tmy, tay = tl.max(y, axis=0, return_indices=True)
+        # First-index argmax across tiles: a later tile wins only when strictly larger.
+        x_here = tl.max(tl.where(lanes == tay, x, _NEG_INF), axis=0)
+        take_x = tmx > ax_val
+        take_y = tmy > ay_val
+        ax_idx = tl.where(take_x, start + tax, ax_idx)
+        ax_val = tl.where(take_x, tmx, ax_val)
+        ay_idx = tl.where(take_y, start + tay, ay_idx)
+        x_at_ay = tl.where(take_y, x_here, x_at_ay)
+        ay_val = tl.where(take_y, tmy, ay_val)
+
+        # The shift c is fixed once, from the first tile where both maxima are finite.
+        set_now = (c_set == 0) & (tmx > _NEG_INF) & (tmy > _NEG_INF)
+        c = tl.where(set_now, tmy - tmx, c)
+        c_set = tl.where(set_now, 1.0, c_set)
+
+        # Online softmax: rescale the old sums to the new anchors.
+        new_mx = tl.maximum(m_x, tmx)
+        new_my = tl.maximum(m_y, tmy)
+        anc_x, alpha_x = _anchor(m_x, new_mx)
+        anc_y, alpha_y = _anchor(m_y, new_my)
+        h_x = _shifted_entropy_sum(h_x, s_x, m_x, anc_x, alpha_x)
+        h_y = _shifted_entropy_sum(h_y, s_y, m_y, anc_y, alpha_y)
+        m_x = new_mx
+        m_y = new_my
+
+        zx = tl.where(fx, x - anc_x, 0.0)
+        zy = tl.where(fy, y - anc_y, 0.0)
+        w = tl.where(fx, tl.exp(zx), 0.0)
+        v = tl.where(fy, tl.exp(zy), 0.0)
+        xf = tl.where(both, x, 0.0)
+        yf = tl.where(both, y, 0.0)
+        df = yf - xf
+        t = tl.where(both, df - c, 0.0)
+        e = _expm1(t)
+        s_x = alpha_x * s_x + tl.sum(w, axis=0)
+        s_y = alpha_y * s_y + tl.sum(v, axis=0)
+        h_x += tl.sum(w * zx, axis=0)
+        h_y += tl.sum(v * zy, axis=0)
+        u = alpha_x * u + tl.sum(w * e, axis=0)
+        a = alpha_x * a + tl.sum(w * t, axis=0)
+        b = alpha_y * b + tl.sum(v * t, axis=0)
+
+        xy += tl.sum(xf * yf, axis=0)
+        xx += tl.sum(xf * xf, axis=0)
+        yy += tl.sum(yf * yf, axis=0)
+        dd += tl.sum(df * df, axis=0)
+        n_both += tl.sum(both.to(f32), axis=0)
+
+        top, kth = _kth_largest_insert(top, lanes_k, x, fx, lanes)
+
+    kth = tl.min(top, axis=0)
+    if not WRITE_PARTIAL:
+        _finalize(
+            out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+            m_x, s_x, h_x, m_y, s_y, h_y, c, u, a, b, xy, xx, yy, dd, n_both, n_bad,
+            n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+        )  # fmt: skip
+    else:
+        base = (row64 * SPLITS + split) * NUM_STATE_
+        sp = state_ptr + base
+        tl.store(sp + 0, m_x)
+        tl.store(sp + 1, s_x)
+        tl.store(sp + 2, h_x)
+        tl.store(sp + 3, m_y)
+        tl.store(sp + 4, s_y)
+        tl.store(sp + 5, h_y)
+        tl.store(sp + 6, c)
+        tl.store(sp + 7, c_set)
+        tl.store(sp + 8, u)
+        tl.store(sp + 9, a)
+        tl.store(sp + 10, b)
+        tl.store(sp + 11, xy)
+        tl.store(sp + 12, xx)
+        tl.store(sp + 13, yy)
+        tl.store(sp + 14, dd)
+        tl.store(sp + 15, n_both)
+        tl.store(sp + 16, n_bad)
+        tl.store(sp + 17, n_fwd_inf)
+        tl.store(sp + 18, n_rev_inf)
+        tl.store(sp + 19, ax_val)
+        tl.store(sp + 20, ay_val)
+        tl.store(sp + 21, x_at_ay)
+        ip = index_ptr + (row64 * SPLITS + split) * 2
+        tl.store(ip, ax_idx)
+        tl.store(ip + 1, ay_idx)
+        tl.store(top_ptr + (row64 * SPLITS + split) * KP + lanes_k, top)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    ref_ptr, ref_stride, quant_ptr, quant_stride,  # as in _logit_compare_kernel (label lookup)
+    label_ptr,  # [N] int64 labels (unused unless HAS_LABELS)
+    out_ptr,  # [NUM_OUTPUTS, N] fp32 per-row outputs
+    state_ptr,  # [N, SPLITS, NUM_STATE] fp32 partial states
+    index_ptr,  # [N, SPLITS, 2] int32 partial argmax indices
+    top_ptr,  # [N, SPLITS, KP] fp32 partial top-k buffers
+    N, ignore_index, top_k,
+    SPLITS,  # partial states per row
+    HAS_LABELS: tl.constexpr,
+    NUM_STATE_: tl.constexpr,
+    KP: tl.constexpr,
+    SPLITS_P2: tl.constexpr,  # power of two ≥ SPLITS
+):  # fmt: skip
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    f32 = tl.float32
+    zero = tl.zeros([], f32)
+    m_x = zero + _NEG_INF
+    m_y = zero + _NEG_INF
+    s_x = zero
+    s_y = zero
+    h_x = zero
+    h_y = zero
+    c = zero
+    c_set = zero
+    u = zero
+    a = zero
+    b = zero
+    xy = zero
+    xx = zero
+    yy = zero
+    dd = zero
+    n_both = zero
+    n_bad = zero
+    n_fwd_inf = zero
+    n_rev_inf = zero
+    ax_val = zero + _NEG_INF
+    ay_val = zero + _NEG_INF
+    x_at_ay = zero + _NEG_INF
+    ax_idx = tl.zeros([], tl.int32)
+    ay_idx = tl.zeros([], tl.int32)
+    for split in range(SPLITS):
+        sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
+        bm_x = tl.load(sp + 0)
+        bs_x = tl.load(sp + 1)
+        bh_x = tl.load(sp + 2)
+        bm_y = tl.load(sp + 3)
+        bs_y = tl.load(sp + 4)
+        bh_y = tl.load(sp + 5)
+        bc = tl.load(sp + 6)
+        bc_set = tl.load(sp + 7)
+        bu = tl.load(sp + 8)
+        ba = tl.load(sp + 9)
+        bb = tl.load(sp + 10)
+        b_ax_val = tl.load(sp + 19)
+        b_ay_val = tl.load(sp + 20)
+        ip = index_ptr + (row64 * SPLITS + split) * 2
+        take_x = b_ax_val > ax_val
+        take_y = b_ay_val > ay_val
+        ax_idx = tl.where(take_x, tl.load(ip), ax_idx)
+        ax_val = tl.where(take_x, b_ax_val, ax_val)
+        ay_idx = tl.where(take_y, tl.load(ip + 1), ay_idx)
+        x_at_ay = tl.where(take_y, tl.load(sp + 21), x_at_ay)
+        ay_val = tl.where(take_y, b_ay_val, ay_val)
+
+        # Re-express this split's sums with the common shift c (the first one set):
+        # Σ w expm1(d − c) = e^δ U + s expm1(δ),  Σ w (d − c) = A + s δ,  δ = c_split − c.
+        set_now = (c_set == 0) & (bc_set != 0)
+        c = tl.where(set_now, bc, c)
+        c_set = tl.where(set_now, 1.0, c_set)
+        delta = tl.where(bc_set != 0, bc - c, 0.0)
+        bu = tl.exp(delta) * bu + bs_x * _expm1(delta)
+        ba = ba + bs_x * delta
+        bb = bb + bs_y * delta
+
+        # Merge the online-softmax states (both rescaled to the larger anchor).
+        new_mx = tl.maximum(m_x, bm_x)
+        new_my = tl.maximum(m_y, bm_y)
+        anc_x, alpha_x = _anchor(m_x, new_mx)
+        anc_y, alpha_y = _anchor(m_y, new_my)
+        _, beta_x = _anchor(bm_x, new_mx)
+        _, beta_y = _anchor(bm_y, new_my)
+        h_x = _shifted_entropy_sum(h_x, s_x, m_x, anc_x, alpha_x) + _shifted_entropy_sum(
+            bh_x, bs_x, bm_x, anc_x, beta_x
+        )
+        h_y = _shifted_entropy_sum(h_y, s_y, m_y, anc_y, alpha_y) + _shifted_entropy_sum(
+            bh_y, bs_y, bm_y, anc_y, beta_y
+        )
+        s_x = alpha_x * s_x + beta_x * bs_x
+        s_y = alpha_y * s_y + beta_y * bs_y
+        u = alpha_x * u + beta_x * bu
+        a = alpha_x * a + beta_x * ba
+        b = alpha_y * b + beta_y * bb
+        m_x = new_mx
+        m_y = new_my
+
+        xy += tl.load(sp + 11)
+        xx += tl.load(sp + 12)
+        yy += tl.load(sp + 13)
+        dd += tl.load(sp + 14)
+        n_both += tl.load(sp + 15)
+        n_bad += tl.load(sp + 16)
+        n_fwd_inf += tl.load(sp + 17)
+        n_rev_inf += tl.load(sp + 18)
+
+    # k-th largest reference logit over all splits' buffers (padding slots read as -inf).
+    sl = tl.arange(0, SPLITS_P2)[:, None]
+    kl_ = tl.arange(0, KP)[None, :]
+    tops = tl.load(
+        top_ptr + (row64 * SPLITS + sl) * KP + kl_,
+        mask=(sl < SPLITS) & (kl_ < top_k),
+        other=_NEG_INF,
+    )
+    tops = tl.reshape(tops, [SPLITS_P2 * KP])
+    flat = tl.arange(0, SPLITS_P2 * KP)
+    for _ in range(top_k - 1):
+        _, mi = tl.max(tops, axis=0, return_indices=True)
+        tops = tl.where(flat == mi, _NEG_INF, tops)
+    kth = tl.max(tops, axis=0)
+
+    _finalize(
+        out_ptr, N, row, ref_ptr + row64 * ref_stride, quant_ptr + row64 * quant_stride,
+        label_ptr, ignore_index,
+        m_x, s_x, h_x, m_y, s_y, h_y, c, u, a, b, xy, xx, yy, dd, n_both, n_bad,
+        n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+    )  # fmt: skip
+
+
+def _num_programs_wanted(device: torch.device) -> int:
+    """Programs needed to fill the device: a few per SM on CUDA, one per row elsewhere."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def logit_compare_triton(
+    ref: torch.Tensor,
+    quant: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    top_k: int,
+    ignore_index: int,
+    block_v: int | None = None,
+    splits: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Launch the fused kernel on ``ref``/``quant`` [N, V] (unit stride along V).
+
+    Returns 1-D tensors of length N: fp32 metrics and bool flags, keyed like
+    :class:`qmetrics.TokenMetrics`. ``block_v`` and ``splits`` override the heuristics
+    (tests use them to exercise multi-tile and split-merge paths on small inputs).
+    """
+    n, vocab = ref.shape
+    if ref.stride(1) != 1 or quant.stride(1) != 1:
+        raise ValueError("logit rows must be contiguous along the vocabulary dimension")
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {top_k}")
+    dev = ref.device
+    if block_v is None:
+        block_v = min(triton.next_power_of_2(vocab), 4096 if dev.type == "cuda" else 8192)
+    n_tiles = triton.cdiv(vocab, block_v)
+    if splits is None:
+        splits = min(n_tiles, max(1, triton.cdiv(_num_programs_wanted(dev), n)))
+    splits = max(1, min(splits, n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    v_per_split = tiles_per_split * block_v
+    kp = max(2, triton.next_power_of_2(top_k))
+
+    out = torch.empty(NUM_OUTPUTS, n, dtype=torch.float32, device=dev)
+    has_labels = labels is not None
+    label_arg = labels if has_labels else out
+    if splits > 1:
+        state = torch.empty(n, splits, NUM_STATE, dtype=torch.float32, device=dev)
+        index = torch.empty(n, splits, 2, dtype=torch.int32, device=dev)
+        top = torch.empty(n, splits, kp, dtype=torch.float32, device=dev)
+    else:
+        state = index = top = out
+    num_warps = 8 if block_v >= 2048 else 4
+    _logit_compare_kernel[(n, splits)](
+        ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top,
+        n, vocab, v_per_split, ignore_index, top_k, splits,
+        HAS_LABELS=has_labels, WRITE_PARTIAL=splits > 1, NUM_STATE_=NUM_STATE, KP=kp,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
+    if splits > 1:
+        _merge_splits_kernel[(n,)](
+            ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top,
+            n, ignore_index, top_k, splits,
+            HAS_LABELS=has_labels, NUM_STATE_=NUM_STATE, KP=kp,
+            SPLITS_P2=triton.next_power_of_2(splits),
+            num_warps=4,
+        )  # fmt: skip
+
+    result = {name: out[i] for i, name in enumerate(OUTPUTS[:6])}
+    for i, name in enumerate(OUTPUTS[6:9], start=6):
+        result[name] = out[i] > 0.5
+    if has_labels:
+        for i, name in enumerate(OUTPUTS[9:], start=9):
+            result[name] = out[i]
+        result["scored"] = labels != ignore_index
+    else:
+        result["scored"] = torch.ones(n, dtype=torch.bool, device=dev)
+    return result

@@ -1,0 +1,7 @@
+"""qmetrics: how far a quantized LLM has drifted from its reference model."""
+
+from qmetrics.functional import compare_logits
+from qmetrics.token_metrics import TokenMetrics
+
+__all__ = ["TokenMetrics", "compare_logits"]
+__version__ = "0.1.0"

@@ -1,0 +1,319 @@
+"""CPU path of the fused logit comparison: torch ops over row chunks, same outputs as the Triton
+kernel (:mod:`qmetrics.kernels.logit_compare`).
+
+Per row, with reference logits x, quant logits y, maxima m_x, m_y and shift c = m_y − m_x:
+
+    w_i = exp(x_i − m_x),  v_i = exp(y_i − m_y),  t_i = y_i − x_i − c,  s_x = Σ w,  s_y = Σ v
+    U = Σ w_i expm1(t_i),  A = Σ w_i t_i,  B = Σ v_i t_i
+    KL(P‖Q) = log1p(U/s_x) − A/s_x
+    KL(Q‖P) = log1p(U_r/s_y) + B/s_y,  U_r = Σ v_i expm1(−t_i) = −exp(κ)·U,  κ = m_x − m_y + c
+
+U, A and B are small when the models agree, so KL comes out accurately even at 1e-6 instead of
+as the difference of two large log-sum-exps. Entropies: H(P) = log s_x − Σ w_i (x_i − m_x)/s_x.
+Cosine uses Σxy = (‖x‖² + ‖y‖² − ‖x − y‖²)/2; MSE = ‖x − y‖²/V.
+
+Extra memory is O(chunk·V): a handful of [chunk, V] fp32 buffers reused across chunks. Rows
+holding −inf entries take a masked float64 path; rows with NaN/+inf get NaN outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# About 8 MiB of fp32 per [chunk, V] buffer: large enough to amortise per-op overhead,
+# small enough for the working set to stay in the last-level cache.
+_CHUNK_ELEMENTS = 1 << 18
+# Segment length of the batched-matmul reductions (fp32 partial sums of this many terms).
+_SEGMENT = 1024
+# Block width of the two-level argmax (a vectorised max over blocks, then one block per row).
+_ARGMAX_BLOCK = 64
+
+
+def _first_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max and first index of it, via block maxima (torch.max(dim) is slow on CPU)."""
+    rows, vocab = x.shape
+    nblk = vocab // _ARGMAX_BLOCK
+    if nblk < 2:
+        vals, idx = x.max(dim=-1)
+        return vals, idx
+    body = x[:, : nblk * _ARGMAX_BLOCK].unflatten(-1, (nblk, _ARGMAX_BLOCK))
+    block_max = body.amax(dim=-1)  # [rows, nblk]
+    best_blk = block_max.argmax(dim=-1)  # first block holding the body max
+    blk_vals = body[torch.arange(rows, device=x.device), best_blk]  # [rows, B]
+    vals, within = blk_vals.max(dim=-1)
+    idx = best_blk * _ARGMAX_BLOCK + within
+    if nblk * _ARGMAX_BLOCK < vocab:
+        tail_vals, tail_idx = x[:, nblk * _ARGMAX_BLOCK :].max(dim=-1)
+        take_tail = tail_vals > vals
+        vals = torch.where(take_tail, tail_vals, vals)
+        idx = torch.where(take_tail, tail_idx + nblk * _ARGMAX_BLOCK, idx)
+    return vals, idx
+
+
+class _Buffers:
+    """Reusable fp32 work buffers for one chunk of rows.
+
+    Each row of V entries is stored as ``nseg`` segments of ``_SEGMENT`` (zero padded): one
+    batched matmul over [rows·nseg] small blocks then yields every weighted sum with fp32
+    partial sums of only ``_SEGMENT`` terms, which are added in float64 afterwards.
+    """
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        f32 = torch.float32
+        self.body = vocab // _SEGMENT  # full segments
+        self.tail = vocab - self.body * _SEGMENT
+        nseg = self.body + (1 if self.tail else 0)
+        # w = exp(x − m_x), v = exp(y − m_y): the left operand of the batched matmul
+        self.weights = torch.empty(rows, nseg, 2, _SEGMENT, dtype=f32, device=device)
+        # 1, x − m_x, y − m_y, t = y − x − c, expm1(t) (the right operands), d = y − x
+        self.values = torch.empty(rows, nseg, 6, _SEGMENT, dtype=f32, device=device)
+        self.values[:, :, 0].fill_(1.0)
+        if self.tail:  # padding: zero weights, finite values
+            self.weights[:, -1, :, self.tail :].zero_()
+            self.values[:, -1, 1:, self.tail :].zero_()
+        self.ref: torch.Tensor | None = None
+        self.quant: torch.Tensor | None = None
+
+    def as_f32(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in fp32, converted into a reused buffer when it is not fp32 already."""
+        if t.dtype == torch.float32:
+            return t
+        buf = getattr(self, name)
+        if buf is None or buf.shape[0] < t.shape[0]:
+            buf = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+            setattr(self, name, buf)
+        return buf[: t.shape[0]].copy_(t)
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a [r, V] tensor (or a [r] per-row scalar) matching :meth:`slots`."""
+        parts = []
+        if t.dim() == 1:
+            if self.body:
+                parts.append(t[:, None, None])
+            if self.tail:
+                parts.append(t[:, None])
+            return parts
+        if self.body:
+            parts.append(t[:, : self.body * _SEGMENT].unflatten(-1, (self.body, _SEGMENT)))
+        if self.tail:
+            parts.append(t[:, self.body * _SEGMENT :])
+        return parts
+
+    def slots(self, buffer: torch.Tensor, row: int, r: int) -> list[torch.Tensor]:
+        """Views of one row kind (``buffer[:r, :, row]``) as body segments and tail."""
+        parts = []
+        if self.body:
+            parts.append(buffer[:r, : self.body, row])
+        if self.tail:
+            parts.append(buffer[:r, self.body, row, : self.tail])
+        return parts
+
+
+def _apply(fn, out: list[torch.Tensor], *args: list[torch.Tensor]) -> None:
+    """Run ``fn(*args, out=...)`` on the body and tail views."""
+    for i, o in enumerate(out):
+        fn(*(a[i] for a in args), out=o)
+
+
+def _fast_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm_x: torch.Tensor,
+    norm_y: torch.Tensor,
+    top_k: int,
+    buf: _Buffers,
+) -> dict[str, torch.Tensor]:
+    """Metrics for rows whose entries are all finite (fp32 x, y of shape [r, V] and their
+    precomputed L2 norms)."""
+    r, vocab = x.shape
+    w, v = buf.slots(buf.weights, 0, r), buf.slots(buf.weights, 1, r)
+    bx, by, t, e, d = (buf.slots(buf.values, i, r) for i in range(1, 6))
+    xs, ys = buf.split(x), buf.split(y)
+
+    mx, ax = _first_argmax(x)
+    my, ay = _first_argmax(y)
+    _apply(torch.sub, bx, xs, buf.split(mx))
+    _apply(torch.exp, w, bx)
+    _apply(torch.sub, by, ys, buf.split(my))
+    _apply(torch.exp, v, by)
+    _apply(torch.sub, d, ys, xs)
+    # t = d − c with c = m_y − m_x: the shift that keeps t, U, A and B small
+    _apply(torch.sub, t, by, bx)
+    _apply(torch.expm1, e, t)
+    # [r·nseg, 2, S] @ [r·nseg, S, 5] -> partial sums of S terms, added in float64: [r, 2, 5]
+    lhs = buf.weights[:r].flatten(0, 1)
+    rhs = buf.values[:r, :, :5]
+    sums = torch.bmm(lhs, rhs.flatten(0, 1).transpose(1, 2)).unflatten(0, (r, -1))
+    sums = sums.sum(1, dtype=torch.float64)
+    s_x, s_y = sums[:, 0, 0], sums[:, 1, 0]
+    wx, vy = sums[:, 0, 1], sums[:, 1, 2]
+    wt, vt, we = sums[:, 0, 3], sums[:, 1, 3], sums[:, 0, 4]
+    # U_r = Σ v expm1(−t) = −exp(κ)·U exactly, with κ = m_x − m_y + c = 0 here
+    u_rev = -we
+    norm_d = torch.linalg.vector_norm(buf.values[:r, :, 5], dim=(1, 2)).double()
+
+    sq_x, sq_y, sq_d = norm_x.double().square(), norm_y.double().square(), norm_d.square()
+    denom = (sq_x * sq_y).sqrt()
+    # Polarisation is accurate while x·y is not small next to ‖x‖‖y‖; other rows get a direct dot.
+    dot = (sq_x + sq_y - sq_d) / 2
+    weak = (dot < 0.5 * denom).nonzero().squeeze(-1)
+    if weak.numel():
+        dot[weak] = (x[weak].double() * y[weak].double()).sum(dim=-1)
+    cosine = torch.where(denom > 0, dot / denom.clamp_min(1e-300), torch.zeros_like(dot))
+
+    top1 = ax == ay
+    topk = top1.clone()
+    miss = (~top1).nonzero().squeeze(-1)
+    if miss.numel():
+        xm = x.index_select(0, miss)
+        xj = xm.gather(1, ay.index_select(0, miss)[:, None])
+        topk[miss] = (xm > xj).sum(dim=-1) < top_k
+    return {
+        "kl": torch.log1p(we / s_x) - wt / s_x,
+        "reverse_kl": torch.log1p(u_rev / s_y) + vt / s_y,
+        "entropy_ref": torch.log(s_x) - wx / s_x,
+        "entropy_quant": torch.log(s_y) - vy / s_y,
+        "cosine": cosine.clamp(-1.0, 1.0),
+        "mse": sq_d / vocab,
+        "top1_match": top1,
+        "topk_match": topk,
+        "lse_ref": mx.double() + torch.log(s_x),
+        "lse_quant": my.double() + torch.log(s_y),
+    }
+
+
+def _masked_rows(x: torch.Tensor, y: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """Metrics for rows with −inf entries (and no NaN/+inf), in float64 with explicit masks."""
+    x, y = x.double(), y.double()
+    fx, fy = torch.isfinite(x), torch.isfinite(y)
+    both = fx & fy
+    lse_x = torch.logsumexp(x, dim=-1)
+    lse_y = torch.logsumexp(y, dim=-1)
+    lp = x - lse_x[:, None]
+    lq = y - lse_y[:, None]
+    p, q = lp.exp(), lq.exp()
+    zero = torch.zeros((), dtype=x.dtype)
+    diff = torch.where(both, lp - lq, zero)
+    kl = (p * diff).sum(-1)
+    rkl = -(q * diff).sum(-1)
+    kl = torch.where((fx & ~fy).any(-1), torch.inf, kl)
+    rkl = torch.where((fy & ~fx).any(-1), torch.inf, rkl)
+    ent_x = -(p * torch.where(fx, lp, zero)).sum(-1)
+    ent_y = -(q * torch.where(fy, lq, zero)).sum(-1)
+    xs, ys = torch.where(both, x, zero), torch.where(both, y, zero)
+    dot, sq_x, sq_y = (xs * ys).sum(-1), (xs * xs).sum(-1), (ys * ys).sum(-1)
+    denom = (sq_x * sq_y).sqrt()
+    cosine = torch.where(denom > 0, dot / denom.clamp_min(1e-300), zero)
+    n_both = both.sum(-1)
+    mse = ((xs - ys) ** 2).sum(-1) / n_both.clamp_min(1)
+    mse = torch.where(n_both > 0, mse, torch.nan)
+    ax, ay = x.argmax(-1), y.argmax(-1)
+    xj = x.gather(1, ay[:, None])
+    topk = (x > xj).sum(-1) < top_k
+    return {
+        "kl": kl,
+        "reverse_kl": rkl,
+        "entropy_ref": ent_x,
+        "entropy_quant": ent_y,
+        "cosine": cosine.clamp(-1.0, 1.0),
+        "mse": mse,
+        "top1_match": ax == ay,
+        "topk_match": topk,
+        "lse_ref": lse_x,
+        "lse_quant": lse_y,
+    }
+
+
+def logit_compare_torch(
+    ref: torch.Tensor,
+    quant: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    top_k: int,
+    ignore_index: int,
+    chunk_rows: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-row metrics of ``ref``/``quant`` [N, V] (last dim contiguous) in row chunks.
+
+    Returns fp32 float fields and bool flags (see :mod:`qmetrics.token_metrics`), plus the
+    label fields when ``labels`` [N] (int64) is given.
+    """
+    n, vocab = ref.shape
+    dev = ref.device
+    out = {
+        name: torch.full((n,), torch.nan, dtype=torch.float64, device=dev)
+        for name in (
+            "kl",
+            "reverse_kl",
+            "entropy_ref",
+            "entropy_quant",
+            "cosine",
+            "mse",
+            "lse_ref",
+            "lse_quant",
+        )
+    }
+    for name in ("top1_match", "topk_match", "finite"):
+        out[name] = torch.zeros(n, dtype=torch.bool, device=dev)
+    if chunk_rows is None:
+        chunk_rows = max(1, min(n, _CHUNK_ELEMENTS // vocab))
+    buf = _Buffers(min(chunk_rows, n), vocab, dev)
+
+    for start in range(0, n, chunk_rows):
+        stop = min(n, start + chunk_rows)
+        x = buf.as_f32("ref", ref[start:stop])
+        y = buf.as_f32("quant", quant[start:stop])
+        # A finite norm means every entry is finite; only the other rows are classified:
+        # NaN or +inf anywhere makes a row non-finite, −inf entries are masked tokens.
+        norm_x = torch.linalg.vector_norm(x, dim=-1)
+        norm_y = torch.linalg.vector_norm(y, dim=-1)
+        plain = torch.isfinite(norm_x) & torch.isfinite(norm_y)
+        rows = torch.arange(start, stop, device=dev)
+        if bool(plain.all()):
+            out["finite"][start:stop] = True
+            groups = [(rows, _fast_rows(x, y, norm_x, norm_y, top_k, buf))]
+        else:
+            idx = plain.nonzero().squeeze(-1)
+            groups = []
+            if idx.numel():
+                fast = _fast_rows(x[idx], y[idx], norm_x[idx], norm_y[idx], top_k, buf)
+                groups.append((rows[idx], fast))
+            odd = (~plain).nonzero().squeeze(-1)
+            xo, yo = x[odd], y[odd]
+            no_nan = ~(xo.isnan().any(-1) | yo.isnan().any(-1))
+            ok = no_nan & (xo.amax(-1) < torch.inf) & (yo.amax(-1) < torch.inf)
+            ok &= (xo.amax(-1) > -torch.inf) & (yo.amax(-1) > -torch.inf)
+            out["finite"][rows[idx]] = True
+            out["finite"][rows[odd]] = ok
+            sel = odd[ok]
+            if sel.numel():
+                groups.append((rows[sel], _masked_rows(x[sel], y[sel], top_k)))
+        for where, values in groups:
+            for name, value in values.items():
+                out[name][where] = value
+
+    result = {
+        name: out[name].float()
+        for name in ("kl", "reverse_kl", "entropy_ref", "entropy_quant", "cosine", "mse")
+    }
+    result["top1_match"] = out["top1_match"]
+    result["topk_match"] = out["topk_match"]
+    result["finite"] = out["finite"]
+    if labels is None:
+        result["scored"] = torch.ones(n, dtype=torch.bool, device=dev)
+        return result
+
+    scored = labels != ignore_index
+    safe = torch.where(scored, labels, 0)[:, None]
+    x_t = ref.gather(1, safe).squeeze(1).double()
+    y_t = quant.gather(1, safe).squeeze(1).double()
+    nll_ref = torch.where(scored, out["lse_ref"] - x_t, torch.nan)
+    nll_quant = torch.where(scored, out["lse_quant"] - y_t, torch.nan)
+    result.update(
+        scored=scored,
+        nll_ref=nll_ref.float(),
+        nll_quant=nll_quant.float(),
+        prob_ref=torch.exp(-nll_ref).float(),
+        prob_quant=torch.exp(-nll_quant).float(),
+    )
+    return result
