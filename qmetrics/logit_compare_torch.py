@@ -22,7 +22,7 @@ import torch
 
 # About 8 MiB of fp32 per [chunk, V] buffer: large enough to amortise per-op overhead,
 # small enough for the working set to stay in the last-level cache.
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 24 * 32768
 # Segment length of the batched-matmul reductions (fp32 partial sums of this many terms).
 _SEGMENT = 1024
 # Block width of the two-level argmax (a vectorised max over blocks, then one block per row).
@@ -60,13 +60,14 @@ class _Buffers:
 
     def __init__(self, rows: int, vocab: int, device: torch.device):
         f32 = torch.float32
-        self.body = vocab // _SEGMENT  # full segments
-        self.tail = vocab - self.body * _SEGMENT
+        self.seg = seg = min(_SEGMENT, vocab)
+        self.body = vocab // seg  # full segments
+        self.tail = vocab - self.body * seg
         nseg = self.body + (1 if self.tail else 0)
         # w = exp(x − m_x), v = exp(y − m_y): the left operand of the batched matmul
-        self.weights = torch.empty(rows, nseg, 2, _SEGMENT, dtype=f32, device=device)
+        self.weights = torch.empty(rows, nseg, 2, seg, dtype=f32, device=device)
         # 1, x − m_x, y − m_y, t = y − x − c, expm1(t) (the right operands), d = y − x
-        self.values = torch.empty(rows, nseg, 6, _SEGMENT, dtype=f32, device=device)
+        self.values = torch.empty(rows, nseg, 6, seg, dtype=f32, device=device)
         self.values[:, :, 0].fill_(1.0)
         if self.tail:  # padding: zero weights, finite values
             self.weights[:, -1, :, self.tail :].zero_()
@@ -94,9 +95,9 @@ class _Buffers:
                 parts.append(t[:, None])
             return parts
         if self.body:
-            parts.append(t[:, : self.body * _SEGMENT].unflatten(-1, (self.body, _SEGMENT)))
+            parts.append(t[:, : self.body * self.seg].unflatten(-1, (self.body, self.seg)))
         if self.tail:
-            parts.append(t[:, self.body * _SEGMENT :])
+            parts.append(t[:, self.body * self.seg :])
         return parts
 
     def slots(self, buffer: torch.Tensor, row: int, r: int) -> list[torch.Tensor]:
@@ -271,7 +272,7 @@ def logit_compare_torch(
         rows = torch.arange(start, stop, device=dev)
         if bool(plain.all()):
             out["finite"][start:stop] = True
-            groups = [(rows, _fast_rows(x, y, norm_x, norm_y, top_k, buf))]
+            groups = [(slice(start, stop), _fast_rows(x, y, norm_x, norm_y, top_k, buf))]
         else:
             idx = plain.nonzero().squeeze(-1)
             groups = []
@@ -289,8 +290,12 @@ def logit_compare_torch(
             if sel.numel():
                 groups.append((rows[sel], _masked_rows(x[sel], y[sel], top_k)))
         for where, values in groups:
-            for name, value in values.items():
-                out[name][where] = value
+            if isinstance(where, slice):
+                for name, value in values.items():
+                    out[name][where] = value
+            else:
+                for name, value in values.items():
+                    out[name].index_copy_(0, where, value.to(out[name].dtype))
 
     result = {
         name: out[name].float()

@@ -1,0 +1,705 @@
+"""Streaming accumulator of :func:`qmetrics.compare_logits` results over a whole evaluation run.
+
+:class:`LogitStats` follows the torchmetrics pattern: ``update`` batch by batch, ``compute`` at
+the end, ``merge`` / ``sync`` to combine accumulators (threads, shards, ranks), ``state_dict`` /
+``load_state_dict`` to resume a long run. :meth:`LogitStats.compute` returns a
+:class:`LogitStatsResult` holding (at least) the statistics of llama.cpp ``--kl-divergence``,
+each with its standard error.
+
+Row classes. Every row (token position) of every update is *seen* and falls in exactly one of:
+
+- *ignored*: ``scored`` is False in the per-token metrics (its label equals ``ignore_index``);
+- *non-finite*: not ignored, but ``finite`` is False, or some float metric in use is not finite
+  (e.g. ``kl = +inf`` when the quant model gives probability 0 to a token the reference allows,
+  or an infinite NLL);
+- *scored*: everything else. Only scored rows enter any statistic (moments, match counts,
+  percentiles), so ``seen = scored + ignored + non-finite``.
+
+Metrics (per scored row; those after ``mse`` only when labels are given):
+``kl, reverse_kl, entropy_ref, entropy_quant, cosine, mse`` as in :mod:`qmetrics.token_metrics`,
+``nll_ref``, ``nll_quant``, ``nll_diff = nll_quant − nll_ref``,
+``delta_p = prob_quant − prob_ref`` and ``delta_p_sq = delta_p²`` (for the RMS).
+
+State. Each metric keeps count n, mean and M2 = Σ(x − mean)² in float64, plus the co-moment
+C = Σ(nll_ref − mean_ref)(nll_quant − mean_quant). A batch is reduced two-pass (mean, then
+squared deviations) and folded in with Chan et al.'s parallel update; for parts a, b with
+n = n_a + n_b and δ = mean_b − mean_a:
+
+    mean = mean_a + δ·n_b/n,   M2 = M2_a + M2_b + δ²·n_a·n_b/n,
+    C    = C_a + C_b + δ_ref·δ_quant·n_a·n_b/n.
+
+All metrics share one count, since a row is scored for all of them or for none. The per-token
+``kl`` and ``delta_p`` of the scored rows are kept too (float32, on CPU, appended chunk-wise;
+4 bytes per token each), for exact percentiles, max and min.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from qmetrics.functional import Backend, compare_logits
+from qmetrics.token_metrics import FLOAT_FIELDS, TokenMetrics
+
+#: Metrics with moments, in state order. The first 6 are always present; the rest need labels.
+METRICS = (
+    *FLOAT_FIELDS,
+    "nll_ref",
+    "nll_quant",
+    "nll_diff",
+    "delta_p",
+    "delta_p_sq",
+)
+N_BASE = len(FLOAT_FIELDS)
+_I_NLL_REF = METRICS.index("nll_ref")
+_I_NLL_QUANT = METRICS.index("nll_quant")
+#: Metrics reported with mean ± stderr (delta_p_sq is internal: it feeds the RMS Δp).
+REPORTED = tuple(m for m in METRICS if m != "delta_p_sq")
+#: Percentiles reported for kl and delta_p (numpy.percentile, linear interpolation).
+PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
+STATE_VERSION = 1
+
+Reduction = Literal["sum", "chan", "cat"]
+
+
+@dataclass(frozen=True)
+class _StateSpec:
+    name: str
+    reduction: Reduction
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+#: Every state entry, declared once with its reduction (cf. torchmetrics' ``add_state``):
+#: ``sum`` adds, ``chan`` merges the (n, mean, m2, comoment) group with Chan's update,
+#: ``cat`` concatenates the per-token values in order.
+STATE: tuple[_StateSpec, ...] = (
+    _StateSpec("seen", "sum", torch.int64, ()),
+    _StateSpec("ignored", "sum", torch.int64, ()),
+    _StateSpec("nonfinite", "sum", torch.int64, ()),
+    _StateSpec("top1_matches", "sum", torch.int64, ()),
+    _StateSpec("topk_matches", "sum", torch.int64, ()),
+    _StateSpec("n", "chan", torch.int64, ()),
+    _StateSpec("mean", "chan", torch.float64, (len(METRICS),)),
+    _StateSpec("m2", "chan", torch.float64, (len(METRICS),)),
+    _StateSpec("comoment", "chan", torch.float64, ()),
+    _StateSpec("kl_values", "cat", torch.float32, (-1,)),
+    _StateSpec("delta_p_values", "cat", torch.float32, (-1,)),
+)
+_SETTINGS = ("version", "top_k", "ignore_index", "has_labels")
+# Concatenate the value chunks once this many have piled up (bounds per-chunk overhead).
+_MAX_CHUNKS = 256
+
+State = dict[str, Any]  # tensors for sum/chan entries, lists of 1-D tensors for cat entries
+
+
+def _empty_state() -> State:
+    state: State = {}
+    for spec in STATE:
+        if spec.reduction == "cat":
+            state[spec.name] = []
+        else:
+            state[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
+    return state
+
+
+def _chan(a: State, b: State) -> tuple[torch.Tensor, ...]:
+    """Chan et al.'s merge of the (n, mean, m2, comoment) groups of two states."""
+    na, nb = int(a["n"]), int(b["n"])
+    if nb == 0:
+        return a["n"], a["mean"], a["m2"], a["comoment"]
+    if na == 0:
+        return b["n"], b["mean"], b["m2"], b["comoment"]
+    n = na + nb
+    delta = b["mean"] - a["mean"]
+    mean = a["mean"] + delta * (nb / n)
+    weight = na * nb / n
+    m2 = a["m2"] + b["m2"] + delta.square() * weight
+    comoment = a["comoment"] + b["comoment"] + delta[_I_NLL_REF] * delta[_I_NLL_QUANT] * weight
+    return torch.tensor(n, dtype=torch.int64), mean, m2, comoment
+
+
+def _combine(a: State, b: State) -> State:
+    """The state of the union of the data behind ``a`` and ``b`` (``a``'s rows first)."""
+    out: State = {}
+    for spec in STATE:
+        if spec.reduction == "sum":
+            out[spec.name] = a[spec.name] + b[spec.name]
+        elif spec.reduction == "cat":
+            out[spec.name] = [*a[spec.name], *b[spec.name]]
+    out["n"], out["mean"], out["m2"], out["comoment"] = _chan(a, b)
+    return out
+
+
+def _json_float(x: float) -> float | str | None:
+    """JSON-safe float: NaN → None, ±inf → "inf" / "-inf", anything else a Python float."""
+    x = float(x)
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value and its standard error (NaN when undefined, e.g. with a single token)."""
+
+    value: float
+    stderr: float
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {"value": _json_float(self.value), "stderr": _json_float(self.stderr)}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Max, min and percentiles (``numpy.percentile``, linear) of a per-token metric."""
+
+    max: float
+    min: float
+    percentiles: dict[float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max": _json_float(self.max),
+            "min": _json_float(self.min),
+            "percentiles": {f"{p:g}": _json_float(v) for p, v in self.percentiles.items()},
+        }
+
+
+@dataclass(frozen=True)
+class LogitStatsResult:
+    """Statistics over the scored tokens (see :meth:`LogitStats.compute` for the formulas).
+
+    ``means`` maps every metric in :data:`REPORTED` in use (label metrics only with labels) to
+    its mean ± standard error. Label-dependent fields are None without labels.
+    """
+
+    top_k: int
+    tokens_seen: int
+    tokens_scored: int
+    tokens_ignored: int
+    tokens_nonfinite: int
+    means: dict[str, Estimate]
+    top1_agreement: Estimate
+    topk_agreement: Estimate
+    kl_distribution: Distribution
+    delta_p_distribution: Distribution | None = None
+    rms_delta_p: Estimate | None = None
+    ppl_ref: Estimate | None = None
+    ppl_quant: Estimate | None = None
+    ln_ppl_ratio: Estimate | None = None
+    ppl_ratio: Estimate | None = None
+    ppl_diff: Estimate | None = None
+    nll_correlation: float | None = None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the label statistics (NLL, PPL, Δp) are present."""
+        return self.ppl_ref is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable nested dict (``json.dumps(..., allow_nan=False)`` works).
+
+        Floats that are NaN (undefined, e.g. a standard error from one token) become None;
+        ±inf become the strings ``"inf"`` / ``"-inf"``. Label sections are None without labels.
+        Layout: ``top_k``, ``counts`` {seen, scored, ignored, nonfinite}, ``means``
+        {metric: {value, stderr}}, ``agreement`` {top1, topk: {value, stderr}},
+        ``kl_distribution`` / ``delta_p_distribution`` {max, min, percentiles {"99.9": ...}},
+        ``rms_delta_p`` {value, stderr}, ``perplexity`` {ppl_ref, ppl_quant, ln_ppl_ratio,
+        ppl_ratio, ppl_diff: {value, stderr}, nll_correlation}.
+        """
+
+        def opt(x: Estimate | Distribution | None) -> dict[str, Any] | None:
+            return None if x is None else x.to_dict()
+
+        perplexity = None
+        if self.has_labels:
+            perplexity = {
+                "ppl_ref": opt(self.ppl_ref),
+                "ppl_quant": opt(self.ppl_quant),
+                "ln_ppl_ratio": opt(self.ln_ppl_ratio),
+                "ppl_ratio": opt(self.ppl_ratio),
+                "ppl_diff": opt(self.ppl_diff),
+                "nll_correlation": _json_float(
+                    math.nan if self.nll_correlation is None else self.nll_correlation
+                ),
+            }
+        return {
+            "top_k": self.top_k,
+            "counts": {
+                "seen": self.tokens_seen,
+                "scored": self.tokens_scored,
+                "ignored": self.tokens_ignored,
+                "nonfinite": self.tokens_nonfinite,
+            },
+            "means": {name: est.to_dict() for name, est in self.means.items()},
+            "agreement": {
+                "top1": self.top1_agreement.to_dict(),
+                "topk": self.topk_agreement.to_dict(),
+            },
+            "kl_distribution": self.kl_distribution.to_dict(),
+            "delta_p_distribution": opt(self.delta_p_distribution),
+            "rms_delta_p": opt(self.rms_delta_p),
+            "perplexity": perplexity,
+        }
+
+
+class LogitStats:
+    """Streaming accumulator of per-token logit-comparison metrics (torchmetrics style).
+
+    ``update(ref, quant, labels)`` runs :func:`qmetrics.compare_logits` on one batch and folds
+    the result in; ``compute()`` gives a :class:`LogitStatsResult`. Row classes, metrics and the
+    merge formulas are in the module docstring. The state lives on CPU whatever the inputs'
+    device; per batch only a few scalars and the scored rows' kl / delta_p values (float32)
+    leave the device.
+
+    Whether labels are used is fixed by the first update after construction or ``reset()``;
+    mixing batches with and without labels raises ``ValueError``.
+    """
+
+    def __init__(self, top_k: int = 5, ignore_index: int = -100, backend: Backend = "auto"):
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.top_k = top_k
+        self.ignore_index = ignore_index
+        self.backend: Backend = backend
+        self._state: State = _empty_state()
+        self._has_labels: bool | None = None
+        self._local: tuple[State, bool | None] | None = None  # pre-sync state, while synced
+
+    # --- accumulation ------------------------------------------------------------------------
+
+    @property
+    def has_labels(self) -> bool | None:
+        """True / False once the first batch fixed it, None before."""
+        return self._has_labels
+
+    @property
+    def synced(self) -> bool:
+        """Whether the state is the all-rank state from :meth:`sync` (until :meth:`unsync`)."""
+        return self._local is not None
+
+    @property
+    def tokens_seen(self) -> int:
+        """Rows seen so far (scored + ignored + non-finite)."""
+        return int(self._state["seen"])
+
+    def update(
+        self, ref: torch.Tensor, quant: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> None:
+        """Compare one batch of logits [..., V] (and labels [...]) and fold the result in."""
+        self._check_not_synced("update")
+        tm = compare_logits(
+            ref,
+            quant,
+            labels,
+            top_k=self.top_k,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+        self.update_metrics(tm)
+
+    def update_metrics(self, tm: TokenMetrics) -> None:
+        """Fold in precomputed per-token metrics (e.g. from :func:`qmetrics.compare_logits`).
+
+        Raises ``ValueError`` if ``tm.top_k`` differs from this accumulator's, or if labels are
+        present here but were absent in earlier batches (or the reverse).
+        """
+        self._check_not_synced("update")
+        if tm.top_k != self.top_k:
+            raise ValueError(
+                f"top_k mismatch: metrics have top_k={tm.top_k}, expected {self.top_k}"
+            )
+        self._check_labels(tm.has_labels, "this batch")
+        batch = _batch_state(tm)
+        self._state = _combine(self._state, batch)
+        self._has_labels = tm.has_labels
+        self._compact()
+
+    def reset(self) -> None:
+        """Drop all data (settings stay; labels on/off is decided afresh by the next batch)."""
+        self._state = _empty_state()
+        self._has_labels = None
+        self._local = None
+
+    def merge(self, other: LogitStats) -> LogitStats:
+        """Fold ``other``'s data into this accumulator, exactly as if its batches had been
+        updated here (after this one's); ``other`` is unchanged. Returns ``self``.
+
+        Raises ``ValueError`` if top_k, ignore_index or labels on/off differ.
+        """
+        self._check_not_synced("merge")
+        if not isinstance(other, LogitStats):
+            raise ValueError(f"can only merge a LogitStats, got {type(other).__name__}")
+        self._check_settings(other.top_k, other.ignore_index, "the other accumulator")
+        if other._has_labels is not None:
+            self._check_labels(other._has_labels, "the other accumulator")
+            self._has_labels = other._has_labels
+        self._state = _combine(self._state, other._state)
+        self._compact()
+        return self
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full state as a flat dict of CPU tensors, nothing else.
+
+        It saves as is with ``safetensors.torch.save_file`` or ``torch.save`` (and loads with
+        ``weights_only=True``). Settings are 0-d int64 tensors: ``version``, ``top_k``,
+        ``ignore_index``, ``has_labels`` (−1 undecided, 0 no, 1 yes). The backend is an
+        execution choice and is not saved.
+        """
+        self._compact(force=True)
+        labels = -1 if self._has_labels is None else int(self._has_labels)
+        sd = {
+            "version": torch.tensor(STATE_VERSION, dtype=torch.int64),
+            "top_k": torch.tensor(self.top_k, dtype=torch.int64),
+            "ignore_index": torch.tensor(self.ignore_index, dtype=torch.int64),
+            "has_labels": torch.tensor(labels, dtype=torch.int64),
+        }
+        for spec in STATE:
+            value = self._state[spec.name]
+            if spec.reduction == "cat":
+                value = value[0] if value else torch.zeros(0, dtype=spec.dtype)
+            sd[spec.name] = value.clone()
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor | int | float]) -> None:
+        """Replace the state with ``sd`` (from :meth:`state_dict`; settings may also be plain
+        ints). Raises ``ValueError`` on missing keys, bad shapes or dtypes, or a top_k /
+        ignore_index different from this accumulator's."""
+        self._check_not_synced("load_state_dict")
+        missing = [k for k in (*_SETTINGS, *(s.name for s in STATE)) if k not in sd]
+        if missing:
+            raise ValueError(f"state dict lacks {missing}")
+        settings = {k: _as_int(sd[k], k) for k in _SETTINGS}
+        if settings["version"] != STATE_VERSION:
+            raise ValueError(f"state dict version {settings['version']}, expected {STATE_VERSION}")
+        self._check_settings(settings["top_k"], settings["ignore_index"], "the state dict")
+        if settings["has_labels"] not in (-1, 0, 1):
+            raise ValueError(f"has_labels must be -1, 0 or 1, got {settings['has_labels']}")
+        state: State = {}
+        for spec in STATE:
+            value = sd[spec.name]
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value, dtype=spec.dtype)
+            shape_ok = value.dim() == 1 if spec.reduction == "cat" else value.shape == spec.shape
+            if not shape_ok or value.dtype != spec.dtype:
+                raise ValueError(
+                    f"state entry {spec.name!r}: got {value.dtype} {tuple(value.shape)}, "
+                    f"expected {spec.dtype} {spec.shape}"
+                )
+            value = value.detach().to("cpu").clone()
+            state[spec.name] = [value] if spec.reduction == "cat" else value
+        if len(state["kl_values"][0]) != int(state["n"]):
+            raise ValueError(
+                f"state dict holds {len(state['kl_values'][0])} kl values for n={int(state['n'])}"
+            )
+        n_dp = len(state["delta_p_values"][0])
+        if n_dp != (int(state["n"]) if settings["has_labels"] == 1 else 0):
+            raise ValueError(
+                f"state dict holds {n_dp} delta_p values for n={int(state['n'])}, "
+                f"has_labels={settings['has_labels']}"
+            )
+        self._state = state
+        self._has_labels = None if settings["has_labels"] < 0 else bool(settings["has_labels"])
+
+    @classmethod
+    def from_state_dict(
+        cls, sd: Mapping[str, torch.Tensor | int | float], backend: Backend = "auto"
+    ) -> LogitStats:
+        """A new accumulator with the settings and state saved in ``sd``."""
+        for key in ("top_k", "ignore_index"):
+            if key not in sd:
+                raise ValueError(f"state dict lacks {key!r}")
+        stats = cls(
+            _as_int(sd["top_k"], "top_k"), _as_int(sd["ignore_index"], "ignore_index"), backend
+        )
+        stats.load_state_dict(sd)
+        return stats
+
+    # --- distributed -------------------------------------------------------------------------
+
+    def sync(self, process_group: Any = None) -> None:
+        """Replace this rank's state with the union over all ranks of ``process_group``.
+
+        A no-op unless ``torch.distributed`` is available and initialised with more than one
+        rank. Collective: every rank must call it. All ranks gather every rank's state and
+        fold them in rank order with the same merge as :meth:`merge`, so all end with the same
+        state. The local state is kept; :meth:`unsync` restores it, and ``update`` / ``merge``
+        / ``load_state_dict`` raise while synced (they would count other ranks' data twice at
+        the next sync). With the NCCL backend the tensors travel through the current CUDA
+        device. The per-token values are all-gathered: each rank briefly holds
+        world_size × (longest rank's count) × 4 bytes for kl (and again for delta_p).
+        """
+        if not _dist_ready():
+            return
+        import torch.distributed as dist
+
+        world = dist.get_world_size(process_group)
+        if world <= 1:
+            return
+        if self._local is not None:
+            raise RuntimeError("sync() called twice; call unsync() first")
+        device = torch.device("cpu")
+        if dist.get_backend(process_group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+
+        sd = self.state_dict()
+        gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+        for key, value in sd.items():
+            parts = _all_gather(value.to(device), world, process_group)
+            for rank, part in enumerate(parts):
+                gathered[rank][key] = part.cpu()
+        local = (self._state, self._has_labels)
+        state = _empty_state()
+        labels: bool | None = None
+        for rank, rank_sd in enumerate(gathered):
+            top_k, ignore = (
+                _as_int(rank_sd["top_k"], "top_k"),
+                _as_int(rank_sd["ignore_index"], "ignore_index"),
+            )
+            if (top_k, ignore) != (self.top_k, self.ignore_index):
+                raise ValueError(
+                    f"rank {rank} has top_k={top_k}, ignore_index={ignore}; this rank has "
+                    f"top_k={self.top_k}, ignore_index={self.ignore_index}"
+                )
+            rank_labels = _as_int(rank_sd["has_labels"], "has_labels")
+            if rank_labels >= 0:
+                if labels is not None and labels != bool(rank_labels):
+                    raise ValueError(f"labels on/off differs between ranks (rank {rank})")
+                labels = bool(rank_labels)
+            rank_state = {
+                s.name: [rank_sd[s.name]] if s.reduction == "cat" else rank_sd[s.name]
+                for s in STATE
+            }
+            state = _combine(state, rank_state)
+        self._state = state
+        self._has_labels = labels
+        self._compact(force=True)
+        self._local = local
+
+    def unsync(self) -> None:
+        """Restore the local (pre-:meth:`sync`) state; a no-op when not synced."""
+        if self._local is not None:
+            self._state, self._has_labels = self._local
+            self._local = None
+
+    # --- results -----------------------------------------------------------------------------
+
+    def compute(self) -> LogitStatsResult:
+        """Statistics of the scored rows so far. With n scored rows, per metric x:
+
+        - mean ± se: se = s/√n with s² = M2/(n − 1) (ddof = 1; NaN when n = 1);
+        - top-1 / top-k agreement p = matches/n, se = √(p(1 − p)/(n − 1)) (the ddof = 1 stderr
+          of the 0/1 indicator);
+        - kl and delta_p: max, min and :data:`PERCENTILES` (numpy.percentile, linear);
+
+        with labels, d = nll_quant − nll_ref per token and C the NLL co-moment:
+
+        - PPL(ref) = exp(mean nll_ref), se = PPL·se(nll_ref); likewise PPL(quant);
+        - ln(PPL_quant/PPL_ref) = mean(d), se = se(d) (this carries the NLLs' correlation);
+        - PPL ratio = exp(mean d), se = ratio·se(d);
+        - PPL diff = PPL_q − PPL_r, se² = PPL_q²·se_q² + PPL_r²·se_r² − 2·PPL_q·PPL_r·cov,
+          cov = C/(n(n − 1)) the covariance of the two mean NLLs (delta method);
+        - nll_correlation = C/√(M2_ref·M2_quant) (Pearson);
+        - RMS Δp = √mean(Δp²), se = se(Δp²)/(2·RMS) (delta method).
+
+        Raises ``ValueError`` when no row has been scored.
+        """
+        st = self._state
+        n = int(st["n"])
+        seen, ignored, nonfinite = (int(st[k]) for k in ("seen", "ignored", "nonfinite"))
+        if n == 0:
+            raise ValueError(
+                f"no valid tokens to compute statistics from: {seen} seen, {ignored} ignored "
+                f"(label == ignore_index={self.ignore_index}), {nonfinite} non-finite"
+            )
+        self._compact(force=True)
+        mean = st["mean"].tolist()
+        m2 = st["m2"].tolist()
+        var = [v / (n - 1) if n > 1 else math.nan for v in m2]
+        se = [math.sqrt(v / n) if n > 1 else math.nan for v in var]
+        used = METRICS if self._has_labels else METRICS[:N_BASE]
+        means = {name: Estimate(mean[i], se[i]) for i, name in enumerate(used) if name in REPORTED}
+
+        def agreement(matches: int) -> Estimate:
+            p = matches / n
+            return Estimate(p, math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else math.nan)
+
+        kwargs: dict[str, Any] = {}
+        if self._has_labels:
+            i_r, i_q = _I_NLL_REF, _I_NLL_QUANT
+            i_d, i_sq = METRICS.index("nll_diff"), METRICS.index("delta_p_sq")
+            ppl_r, ppl_q = _exp(mean[i_r]), _exp(mean[i_q])
+            se_r, se_q = se[i_r], se[i_q]
+            ratio = _exp(mean[i_d])
+            cov = float(st["comoment"]) / (n * (n - 1)) if n > 1 else math.nan
+            diff_var = (ppl_q * se_q) ** 2 + (ppl_r * se_r) ** 2 - 2.0 * ppl_q * ppl_r * cov
+            rms = math.sqrt(mean[i_sq])
+            denom = math.sqrt(m2[i_r] * m2[i_q])
+            kwargs.update(
+                delta_p_distribution=_distribution(st["delta_p_values"][0]),
+                rms_delta_p=Estimate(rms, se[i_sq] / (2.0 * rms) if rms > 0 else math.nan),
+                ppl_ref=Estimate(ppl_r, ppl_r * se_r),
+                ppl_quant=Estimate(ppl_q, ppl_q * se_q),
+                ln_ppl_ratio=Estimate(mean[i_d], se[i_d]),
+                ppl_ratio=Estimate(ratio, ratio * se[i_d]),
+                ppl_diff=Estimate(ppl_q - ppl_r, math.sqrt(max(diff_var, 0.0))),
+                nll_correlation=float(st["comoment"]) / denom if denom > 0 else math.nan,
+            )
+        return LogitStatsResult(
+            top_k=self.top_k,
+            tokens_seen=seen,
+            tokens_scored=n,
+            tokens_ignored=ignored,
+            tokens_nonfinite=nonfinite,
+            means=means,
+            top1_agreement=agreement(int(st["top1_matches"])),
+            topk_agreement=agreement(int(st["topk_matches"])),
+            kl_distribution=_distribution(st["kl_values"][0]),
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        st = self._state
+        return (
+            f"LogitStats(top_k={self.top_k}, ignore_index={self.ignore_index}, "
+            f"backend={self.backend!r}, has_labels={self._has_labels}, seen={int(st['seen'])}, "
+            f"scored={int(st['n'])}, ignored={int(st['ignored'])}, "
+            f"nonfinite={int(st['nonfinite'])})"
+        )
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _check_not_synced(self, what: str) -> None:
+        if self._local is not None:
+            raise RuntimeError(f"{what}() on a synced LogitStats; call unsync() first")
+
+    def _check_labels(self, has_labels: bool, where: str) -> None:
+        if self._has_labels is not None and has_labels != self._has_labels:
+            now = "with" if has_labels else "without"
+            before = "with" if self._has_labels else "without"
+            raise ValueError(
+                f"labels on/off mismatch: {where} is {now} labels, but this accumulator has "
+                f"data {before} labels (call reset() to start over)"
+            )
+
+    def _check_settings(self, top_k: int, ignore_index: int, where: str) -> None:
+        if top_k != self.top_k:
+            raise ValueError(f"top_k mismatch: {where} has top_k={top_k}, this has {self.top_k}")
+        if ignore_index != self.ignore_index:
+            raise ValueError(
+                f"ignore_index mismatch: {where} has {ignore_index}, this has {self.ignore_index}"
+            )
+
+    def _compact(self, force: bool = False) -> None:
+        """Concatenate the value chunks (always when ``force``, else past ``_MAX_CHUNKS``)."""
+        for spec in STATE:
+            if spec.reduction != "cat":
+                continue
+            chunks = self._state[spec.name]
+            if len(chunks) > _MAX_CHUNKS or (force and len(chunks) != 1):
+                joined = torch.cat(chunks) if chunks else torch.zeros(0, dtype=spec.dtype)
+                self._state[spec.name] = [joined]
+
+
+def _batch_state(tm: TokenMetrics) -> State:
+    """The state of one batch of per-token metrics (moments reduced on the metrics' device)."""
+    tm = tm.flatten()
+    dev = tm.kl.device
+    if dev.type == "mps":  # no float64 there
+        tm = TokenMetrics(top_k=tm.top_k, **{k: v.cpu() for k, v in tm.to_dict().items()})
+    cols = [getattr(tm, name).double() for name in FLOAT_FIELDS]
+    if tm.has_labels:
+        assert tm.nll_ref is not None and tm.nll_quant is not None
+        assert tm.prob_ref is not None and tm.prob_quant is not None
+        nll_r, nll_q = tm.nll_ref.double(), tm.nll_quant.double()
+        delta_p = tm.prob_quant.double() - tm.prob_ref.double()
+        cols += [nll_r, nll_q, nll_q - nll_r, delta_p, delta_p.square()]
+    x = torch.stack(cols, dim=1)  # [N, M used]
+    scored = tm.scored.bool()
+    valid = scored & tm.finite.bool() & torch.isfinite(x).all(dim=1)
+    xv = x[valid]
+    n = xv.shape[0]
+    state = _empty_state()
+    state["seen"] += x.shape[0]
+    state["ignored"] += int((~scored).sum())
+    state["nonfinite"] += int((scored & ~valid).sum())
+    state["top1_matches"] += int(tm.top1_match[valid].sum())
+    state["topk_matches"] += int(tm.topk_match[valid].sum())
+    if n:
+        mean = xv.mean(dim=0)
+        dev_ = xv - mean
+        used = xv.shape[1]
+        state["n"] += n
+        state["mean"][:used] = mean.cpu()
+        state["m2"][:used] = dev_.square().sum(dim=0).cpu()
+        if tm.has_labels:
+            state["comoment"] += float((dev_[:, _I_NLL_REF] * dev_[:, _I_NLL_QUANT]).sum())
+        state["kl_values"].append(tm.kl[valid].float().cpu())
+        if tm.has_labels:
+            state["delta_p_values"].append(delta_p[valid].float().cpu())
+    return state
+
+
+def _distribution(values: torch.Tensor) -> Distribution:
+    """Max, min and percentiles of float32 values (computed in float64)."""
+    arr = values.numpy().astype(np.float64)
+    pct = np.percentile(arr, PERCENTILES)  # linear interpolation (numpy's default)
+    return Distribution(
+        max=float(arr.max()),
+        min=float(arr.min()),
+        percentiles={p: float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
+    )
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _as_int(value: torch.Tensor | int | float, name: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point:
+            raise ValueError(f"state entry {name!r} must be one integer, got {value!r}")
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"state entry {name!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_gather(t: torch.Tensor, world: int, group: Any) -> list[torch.Tensor]:
+    """Every rank's ``t``; 1-D tensors may differ in length across ranks (padded, trimmed)."""
+    import torch.distributed as dist
+
+    if t.dim() != 1:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return parts
+    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return [p[:length] for p, length in zip(parts, lengths, strict=True)]
