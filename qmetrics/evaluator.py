@@ -1,0 +1,435 @@
+"""Paired evaluation of a reference model and quantized candidates over a corpus, in one pass.
+
+For every batch of token windows the reference and each candidate run on the same input ids;
+their logits are produced chunk by chunk (:class:`qmetrics.logit_source.LogitSource`) and fed,
+with next-token labels, into one :class:`qmetrics.LogitStats` per candidate. Perplexity of every
+model comes out of the same pass: PPL = exp(mean NLL) over the scored tokens, with windows as in
+:func:`qmetrics.corpus.make_windows`. Only one chunk of logits per model is alive at a time.
+A run can checkpoint its accumulators and resume without recomputing finished windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmetrics.corpus import (
+    Window,
+    check_same_tokens,
+    iter_texts,
+    make_windows,
+    tokenize_texts,
+)
+from qmetrics.functional import compare_logits
+from qmetrics.logit_source import LogitSource
+from qmetrics.logit_stats import Estimate, LogitStats, LogitStatsResult
+from qmetrics.models import ModelEntry
+
+CHECKPOINT_META = "checkpoint.json"
+
+
+@dataclass
+class ModelFigures:
+    """Operational figures of one model over the run."""
+
+    forward_seconds: float = 0.0
+    tokens: int = 0
+    peak_memory_mb: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.forward_seconds if self.forward_seconds > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "forward_seconds": self.forward_seconds,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+
+
+@dataclass
+class EvaluationResult:
+    """Everything one run measured: settings, per-model perplexity and figures, and the
+    logit-comparison statistics of each candidate against the reference."""
+
+    settings: dict[str, Any]
+    reference: str
+    tokens_total: int
+    windows: int
+    comparisons: dict[str, LogitStatsResult]
+    perplexity: dict[str, Estimate]
+    figures: dict[str, ModelFigures]
+    origins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    #: per candidate, the per-token KL at quantile levels 0, 0.001, ..., 1 (for CDF plots)
+    kl_quantiles: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (see :meth:`LogitStatsResult.to_dict` for the statistics)."""
+        return {
+            "settings": self.settings,
+            "reference": self.reference,
+            "tokens_total": self.tokens_total,
+            "windows": self.windows,
+            "models": {
+                name: {
+                    "perplexity": self.perplexity[name].to_dict()
+                    if name in self.perplexity
+                    else None,
+                    "figures": self.figures[name].to_dict(),
+                    "origin": self.origins.get(name, {}),
+                }
+                for name in self.figures
+            },
+            "comparisons": {name: res.to_dict() for name, res in self.comparisons.items()},
+            "environment": self.environment,
+            "kl_quantiles": self.kl_quantiles,
+        }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class QuantizationEvaluator:
+    """Compare ``candidates`` with ``reference`` on a corpus (see the module docstring).
+
+    ``reference`` and each candidate are :class:`qmetrics.models.ModelEntry` objects (or bare
+    ``nn.Module``s, named ``candidate-i``); a candidate without its own tokenizer uses the
+    reference's. Models may live on different devices.
+    """
+
+    def __init__(
+        self,
+        reference: ModelEntry | torch.nn.Module,
+        candidates: Sequence[ModelEntry | torch.nn.Module] = (),
+        tokenizer: Any | None = None,
+        *,
+        context_length: int = 512,
+        stride: int | None = None,
+        batch_size: int = 1,
+        max_tokens: int | None = None,
+        top_k: int = 5,
+        logit_chunk_tokens: int | None = 256,
+        separator: str = "\n\n",
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 8,
+        progress: bool = True,
+    ):
+        self.reference = _entry(reference, "reference", tokenizer)
+        self.candidates = [_entry(c, f"candidate-{i}", None) for i, c in enumerate(candidates)]
+        names = [self.reference.name] + [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.reference.tokenizer is None:
+            raise ValueError("a tokenizer is needed: pass tokenizer= or a ModelEntry with one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.context_length = context_length
+        self.stride = stride
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.top_k = top_k
+        self.logit_chunk_tokens = logit_chunk_tokens
+        self.separator = separator
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress
+
+    # --- corpus -------------------------------------------------------------------------------
+
+    def tokenize(self, corpus: str | Iterable[str] | torch.Tensor) -> torch.Tensor:
+        """Token ids of the corpus (a source name, texts, or ids), checked to be identical under
+        every candidate's own tokenizer."""
+        if isinstance(corpus, torch.Tensor):
+            return corpus.long().reshape(-1)
+        read: list[str] = []  # what the reference read (a streamed corpus stops early)
+
+        def recorded(texts: Iterable[str]):
+            for text in texts:
+                read.append(text)
+                yield text
+
+        source = iter_texts(corpus) if isinstance(corpus, str) else corpus
+        ids = tokenize_texts(
+            recorded(source),
+            self.reference.tokenizer,
+            separator=self.separator,
+            max_tokens=self.max_tokens,
+        )
+        for cand in self.candidates:
+            if cand.tokenizer is not None and cand.tokenizer is not self.reference.tokenizer:
+                other = tokenize_texts(
+                    read, cand.tokenizer, separator=self.separator, max_tokens=self.max_tokens
+                )
+                check_same_tokens(ids, other, cand.name)
+        return ids
+
+    def batches(self, n_tokens: int) -> list[list[Window]]:
+        """Windows grouped into batches of equal-length windows, in corpus order."""
+        out: list[list[Window]] = []
+        for w in make_windows(n_tokens, self.context_length, self.stride):
+            if out and len(out[-1]) < self.batch_size and out[-1][0].length == w.length:
+                out[-1].append(w)
+            else:
+                out.append([w])
+        return out
+
+    def settings(self, n_tokens: int) -> dict[str, Any]:
+        """The settings that determine the results (a resumed run must match them)."""
+        return {
+            "context_length": self.context_length,
+            "stride": self.stride or self.context_length,
+            "batch_size": self.batch_size,
+            "max_tokens": self.max_tokens,
+            "top_k": self.top_k,
+            "separator": self.separator,
+            "tokens": n_tokens,
+            "reference": self.reference.name,
+            "candidates": [c.name for c in self.candidates],
+        }
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        corpus: str | Iterable[str] | torch.Tensor,
+        *,
+        resume: bool = False,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> EvaluationResult:
+        """Run every model over the corpus once and return the statistics.
+
+        With ``resume`` and a checkpoint in ``checkpoint_dir`` from a run with the same settings
+        and corpus, finished batches are skipped and the saved accumulators continue.
+        ``on_batch(done, total)`` is called after each batch.
+        """
+        ids = self.tokenize(corpus)
+        batches = self.batches(len(ids))
+        settings = self.settings(len(ids))
+        fingerprint = _fingerprint(settings, ids)
+        # Without candidates the reference is compared with itself, which yields its perplexity.
+        pairs = self.candidates or [self.reference]
+        stats = [LogitStats(top_k=self.top_k) for _ in pairs]
+        figures = {m.name: ModelFigures() for m in [self.reference, *self.candidates]}
+        start_batch = 0
+        if resume:
+            start_batch = self._load_checkpoint(fingerprint, stats, figures)
+
+        sources = [LogitSource(m.model, self.logit_chunk_tokens) for m in pairs]
+        ref_source = LogitSource(self.reference.model, self.logit_chunk_tokens)
+        bar = _progress_bar(self.progress, total=len(batches), initial=start_batch)
+        try:
+            for b in range(start_batch, len(batches)):
+                self._run_batch(ids, batches[b], ref_source, sources, pairs, stats, figures)
+                done = b + 1
+                if self.checkpoint_dir and (
+                    done % self.checkpoint_every == 0 or done == len(batches)
+                ):
+                    self._save_checkpoint(fingerprint, done, stats, figures)
+                if bar is not None:
+                    ref_fig = figures[self.reference.name]
+                    bar.update(1)
+                    if ref_fig.tokens_per_second:
+                        bar.set_postfix(tok_s=f"{ref_fig.tokens_per_second:,.0f}")
+                if on_batch is not None:
+                    on_batch(done, len(batches))
+        finally:
+            if bar is not None:
+                bar.close()
+
+        results = {m.name: s.compute() for m, s in zip(pairs, stats, strict=True)}
+        levels = np.linspace(0.0, 1.0, 1001)
+        kl_quantiles = {
+            cand.name: np.quantile(st.state_dict()["kl_values"].double().numpy(), levels).tolist()
+            for cand, st in zip(self.candidates, stats, strict=False)
+        }
+        perplexity = {self.reference.name: next(iter(results.values())).ppl_ref}
+        comparisons = {}
+        for cand in self.candidates:
+            comparisons[cand.name] = results[cand.name]
+            perplexity[cand.name] = results[cand.name].ppl_quant
+        return EvaluationResult(
+            settings=settings,
+            reference=self.reference.name,
+            tokens_total=len(ids),
+            windows=sum(len(b) for b in batches),
+            comparisons=comparisons,
+            perplexity=perplexity,
+            figures=figures,
+            origins={m.name: m.origin for m in [self.reference, *self.candidates]},
+            environment=_environment(),
+            kl_quantiles=kl_quantiles,
+        )
+
+    def _run_batch(self, ids, windows, ref_source, sources, pairs, stats, figures) -> None:
+        input_ids = torch.stack([ids[w.begin : w.end] for w in windows])
+        labels = torch.stack([w.labels(ids) for w in windows])
+        n_tokens = input_ids.numel()
+
+        ref_hidden = self._timed(ref_source, figures[self.reference.name], ref_source.hidden,
+                                 input_ids, n_tokens)  # fmt: skip
+        hiddens = [
+            ref_hidden if m is self.reference
+            else self._timed(src, figures[m.name], src.hidden, input_ids, n_tokens)
+            for m, src in zip(pairs, sources, strict=True)
+        ]  # fmt: skip
+        # Chunk-major: one [B, chunk, V] block per model is alive at a time.
+        ref_chunks = ref_source.chunks(ref_hidden)
+        cand_chunks = [src.chunks(h) for src, h in zip(sources, hiddens, strict=True)]
+        while True:
+            t0 = time.perf_counter()
+            step = next(ref_chunks, None)
+            if step is None:
+                break
+            sl, ref_logits = step
+            _synchronize(ref_logits.device)
+            figures[self.reference.name].forward_seconds += time.perf_counter() - t0
+            for m, chunks, st in zip(pairs, cand_chunks, stats, strict=True):
+                t0 = time.perf_counter()
+                _, logits = next(chunks)
+                _synchronize(logits.device)
+                if m is not self.reference:
+                    figures[m.name].forward_seconds += time.perf_counter() - t0
+                dev = logits.device
+                lab = labels[:, sl].to(dev)
+                if not bool((lab != -100).any()):
+                    continue
+                st.update_metrics(compare_logits(ref_logits.to(dev), logits, lab, top_k=self.top_k))
+
+    @staticmethod
+    def _timed(source: LogitSource, fig: ModelFigures, fn, input_ids, n_tokens):
+        dev = source.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        out = fn(input_ids)
+        _synchronize(dev)
+        fig.forward_seconds += time.perf_counter() - t0
+        fig.tokens += n_tokens
+        if dev.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+            fig.peak_memory_mb = max(fig.peak_memory_mb or 0.0, peak)
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _save_checkpoint(self, fingerprint: str, done: int, stats, figures) -> None:
+        """Write the accumulators, then atomically point the metadata at them: a kill at any
+        moment leaves either the previous checkpoint or this one, never a mix."""
+        from safetensors.torch import save_file
+
+        assert self.checkpoint_dir is not None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{i}.{k}": v.contiguous()
+            for i, st in enumerate(stats)
+            for k, v in st.state_dict().items()
+        }
+        name = f"state-{done:07d}.safetensors"
+        save_file(tensors, str(self.checkpoint_dir / name))
+        meta = {
+            "fingerprint": fingerprint,
+            "batches_done": done,
+            "tensors": name,
+            "figures": {model: fig.to_dict() for model, fig in figures.items()},
+        }
+        tmp = self.checkpoint_dir / (CHECKPOINT_META + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.checkpoint_dir / CHECKPOINT_META)
+        for old in self.checkpoint_dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def _load_checkpoint(self, fingerprint: str, stats, figures) -> int:
+        """Restore the accumulators and figures; returns the number of finished batches."""
+        from safetensors.torch import load_file
+
+        if self.checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint directory")
+        meta_path = self.checkpoint_dir / CHECKPOINT_META
+        if not meta_path.exists():
+            return 0  # nothing to resume: start from the beginning
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"cannot resume from {self.checkpoint_dir}: it was written by a run with other "
+                "settings or another corpus"
+            )
+        tensors = load_file(str(self.checkpoint_dir / meta["tensors"]))
+        for i, st in enumerate(stats):
+            prefix = f"{i}."
+            st.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+        for name, fig in meta["figures"].items():
+            if name in figures:
+                figures[name].forward_seconds = fig["forward_seconds"]
+                figures[name].tokens = fig["tokens"]
+                figures[name].peak_memory_mb = fig["peak_memory_mb"]
+        return int(meta["batches_done"])
+
+
+def _entry(model: ModelEntry | torch.nn.Module, name: str, tokenizer: Any | None) -> ModelEntry:
+    if isinstance(model, ModelEntry):
+        if tokenizer is not None and model.tokenizer is None:
+            model.tokenizer = tokenizer
+        return model
+    model.eval()
+    return ModelEntry(name, model, tokenizer, {"source": "object", "class": type(model).__name__})
+
+
+def _fingerprint(settings: dict[str, Any], ids: torch.Tensor) -> str:
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="batch", desc="qmetrics", leave=False)
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+
+    import qmetrics
+
+    env: dict[str, Any] = {
+        "qmetrics": qmetrics.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
