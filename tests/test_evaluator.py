@@ -127,15 +127,15 @@ def test_resume_gives_identical_statistics(models, tmp_path):
     )
     full = QuantizationEvaluator(ref, [cand], **kwargs).evaluate([TEXT])
 
-    class Stop(Exception):
+    class StopRunError(Exception):
         pass
 
     def stop_after_five(done, total):
         if done == 5:
-            raise Stop
+            raise StopRunError
 
     ev = QuantizationEvaluator(ref, [cand], checkpoint_dir=tmp_path, **kwargs)
-    with pytest.raises(Stop):
+    with pytest.raises(StopRunError):
         ev.evaluate([TEXT], on_batch=stop_after_five)
     seen = []
     resumed = QuantizationEvaluator(ref, [cand], checkpoint_dir=tmp_path, **kwargs).evaluate(

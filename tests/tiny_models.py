@@ -7,7 +7,7 @@ import random
 
 import torch
 
-WORDS = (
+WORDS = tuple(  # noqa: SIM905
     "the of and to in is was for on as with by at from his her that which this it an are "
     "were be had have not but they their one all would there been has when who more also "
     "king land river city house light water stone night day word people time year great"
