@@ -7,11 +7,12 @@ import random
 
 import torch
 
-WORDS = tuple(  # noqa: SIM905
+_WORD_LIST = (
     "the of and to in is was for on as with by at from his her that which this it an are "
     "were be had have not but they their one all would there been has when who more also "
     "king land river city house light water stone night day word people time year great"
-).split()
+)
+WORDS = tuple(_WORD_LIST.split())
 
 
 def synthetic_text(n_words: int = 4000, seed: int = 0) -> str:
