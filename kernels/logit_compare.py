@@ -1,14 +1,20 @@
 """Fused logit comparison: one read of two [N, V] logit tensors -> per-row metrics.
 
 For each row, with reference logits x, quantized logits y, running maxima m_x, m_y (the
-online-softmax anchors) and a fixed per-program shift c (m_y − m_x of the first tile):
+online-softmax anchors) and a fixed per-program shift c = c_y − c_x (the maxima of the first
+tile, kept as the pair so that t is formed from nearby numbers only):
 
-    w_i = exp(x_i − m_x)   v_i = exp(y_i − m_y)   t_i = y_i − x_i − c
+    w_i = exp(x_i − m_x)   v_i = exp(y_i − m_y)   t_i = (y_i − c_y) − (x_i − c_x)
     s_x = Σ w   s_y = Σ v   h_x = Σ w (x − m_x)   h_y = Σ v (y − m_y)
-    U = Σ w expm1(t)   A = Σ w t   B = Σ v t
+    U = Σ w expm1(t)   A = Σ w t   B = Σ v t     (sums over positions where both are finite)
     KL(P‖Q) = log1p(U/s_x) − A/s_x          (small terms only: exact down to KL ~ 1e-8)
     KL(Q‖P) = log1p(U_r/s_y) + B/s_y,  U_r = Σ v expm1(−t) = −exp(κ) U,  κ = m_x − m_y + c
     H(P) = log s_x − h_x/s_x,   H(Q) = log s_y − h_y/s_y
+
+With −inf entries, s_x and s_y are split into the parts over positions where both logits are
+finite and where only one is; the latter enter as log1p(s_y,only / s_y,both) (and the mirror
+term for KL(Q‖P)). When |U/s_x| ≥ 1/2 or U overflows (logits far apart), KL is large and is
+taken from the log-sum-exps directly: KL(P‖Q) = −κ + log s_y − log s_x − A/s_x.
 
 The sums over w and v are rescaled by exp(m_old − m_new) when a tile raises a maximum. Cosine
 and MSE accumulate Σxy, Σx², Σy², Σ(x−y)² over positions where both logits are finite. The
@@ -35,8 +41,8 @@ OUTPUTS = (
 NUM_OUTPUTS = len(OUTPUTS)
 # Float fields of a partial (per split) state, in order; two int32 argmax indices go apart.
 STATE = (
-    "m_x", "s_x", "h_x", "m_y", "s_y", "h_y", "c", "c_set", "u", "a", "b",
-    "xy", "xx", "yy", "dd", "n_both", "n_bad", "n_fwd_inf", "n_rev_inf",
+    "m_x", "s_xb", "s_xo", "h_x", "m_y", "s_yb", "s_yo", "h_y", "c_x", "c_y", "c_set",
+    "u", "a", "b", "xy", "xx", "yy", "dd", "n_both", "n_bad", "n_fwd_inf", "n_rev_inf",
     "ax_val", "ay_val", "x_at_ay",
 )  # fmt: skip
 NUM_STATE = len(STATE)
@@ -93,24 +99,31 @@ def _kth_largest_insert(top, lanes_k, vals, cand, lanes):
 @triton.jit
 def _finalize(
     out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
-    m_x, s_x, h_x, m_y, s_y, h_y, c, u, a, b, xy, xx, yy, dd, n_both, n_bad,
-    n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth,
+    m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd, n_both,
+    n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth,
     HAS_LABELS: tl.constexpr,
 ):  # fmt: skip
     """Turn one row's merged state into the outputs (float64 scalar math) and store them."""
     f64 = tl.float64
     finite = (n_bad == 0) & (m_x > _NEG_INF) & (m_y > _NEG_INF)
     nan = float("nan")
-    ax_ = tl.where(m_x == _NEG_INF, 0.0, m_x).to(f64)  # the anchors used for w and v
-    ay_ = tl.where(m_y == _NEG_INF, 0.0, m_y).to(f64)
-    sx, sy = s_x.to(f64), s_y.to(f64)
+    anc_x = tl.where(m_x == _NEG_INF, 0.0, m_x).to(f64)  # the anchors used for w and v
+    anc_y = tl.where(m_y == _NEG_INF, 0.0, m_y).to(f64)
+    sxb, sxo, syb, syo = s_xb.to(f64), s_xo.to(f64), s_yb.to(f64), s_yo.to(f64)
+    sx, sy = sxb + sxo, syb + syo
     log_sx, log_sy = tl.log(sx), tl.log(sy)
-    kl = tl.log(1.0 + u.to(f64) / sx) - a.to(f64) / sx
-    kl = tl.where(n_fwd_inf > 0, _POS_INF, kl)
-    kappa = ax_ - ay_ + c.to(f64)
-    u_rev = -tl.exp(kappa) * u.to(f64)
-    rkl = tl.log(1.0 + u_rev / sy) + b.to(f64) / sy
-    rkl = tl.where(n_rev_inf > 0, _POS_INF, rkl)
+    # κ = m_x − m_y + c with c = c_y − c_x, from differences of nearby numbers (exact in fp64)
+    kappa = (anc_x - c_x.to(f64)) - (anc_y - c_y.to(f64))
+    u64, a64, b64 = u.to(f64), a.to(f64), b.to(f64)
+    ratio = u64 / sxb
+    small = (ratio == ratio) & (tl.abs(ratio) < 0.5)
+    kl_small = tl.log(1.0 + ratio) + tl.log(1.0 + syo / syb) - a64 / sxb
+    kl_lse = -kappa + log_sy - log_sx - a64 / sxb
+    kl = tl.where(n_fwd_inf > 0, _POS_INF, tl.where(small, kl_small, kl_lse))
+    u_rev = -tl.exp(kappa) * u64
+    rkl_small = tl.log(1.0 + u_rev / syb) + tl.log(1.0 + sxo / sxb) + b64 / syb
+    rkl_lse = kappa + log_sx - log_sy + b64 / syb
+    rkl = tl.where(n_rev_inf > 0, _POS_INF, tl.where(small, rkl_small, rkl_lse))
     ent_x = log_sx - h_x.to(f64) / sx
     ent_y = log_sy - h_y.to(f64) / sy
     denom = tl.sqrt(xx.to(f64) * yy.to(f64))
@@ -136,8 +149,8 @@ def _finalize(
         safe = tl.where(scored, label, 0)
         x_t = tl.load(ref_row + safe).to(f64)
         y_t = tl.load(quant_row + safe).to(f64)
-        nll_x = (ax_ - x_t) + log_sx
-        nll_y = (ay_ - y_t) + log_sy
+        nll_x = (anc_x - x_t) + log_sx
+        nll_y = (anc_y - y_t) + log_sy
         keep = finite & scored
         tl.store(o + 9 * N, tl.where(keep, nll_x, nan).to(tl.float32))
         tl.store(o + 10 * N, tl.where(keep, nll_y, nan).to(tl.float32))
@@ -178,11 +191,14 @@ def _logit_compare_kernel(
     zero = tl.zeros([], f32)
     m_x = zero + _NEG_INF
     m_y = zero + _NEG_INF
-    s_x = zero
-    s_y = zero
+    s_xb = zero  # Σ w over positions where both logits are finite
+    s_xo = zero  # Σ w where only x is finite
+    s_yb = zero
+    s_yo = zero
     h_x = zero
     h_y = zero
-    c = zero
+    c_x = zero
+    c_y = zero
     c_set = zero
     u = zero
     a = zero
@@ -216,8 +232,10 @@ def _logit_compare_kernel(
         fx = x > _NEG_INF
         fy = y > _NEG_INF
         both = fx & fy
-        n_fwd_inf += tl.sum((fx & ~fy).to(f32), axis=0)
-        n_rev_inf += tl.sum((fy & ~fx).to(f32), axis=0)
+        only_x = fx & ~fy
+        only_y = fy & ~fx
+        n_fwd_inf += tl.sum(only_x.to(f32), axis=0)
+        n_rev_inf += tl.sum(only_y.to(f32), axis=0)
 
         tmx, tax = tl.max(x, axis=0, return_indices=True)
         tmy, tay = tl.max(y, axis=0, return_indices=True)
@@ -231,9 +249,10 @@ def _logit_compare_kernel(
         x_at_ay = tl.where(take_y, x_here, x_at_ay)
         ay_val = tl.where(take_y, tmy, ay_val)
 
-        # The shift c is fixed once, from the first tile where both maxima are finite.
+        # The shift c = c_y − c_x is fixed once, by the first tile where both maxima are finite.
         set_now = (c_set == 0) & (tmx > _NEG_INF) & (tmy > _NEG_INF)
-        c = tl.where(set_now, tmy - tmx, c)
+        c_x = tl.where(set_now, tmx, c_x)
+        c_y = tl.where(set_now, tmy, c_y)
         c_set = tl.where(set_now, 1.0, c_set)
 
         # Online softmax: rescale the old sums to the new anchors.
@@ -241,8 +260,8 @@ def _logit_compare_kernel(
         new_my = tl.maximum(m_y, tmy)
         anc_x, alpha_x = _anchor(m_x, new_mx)
         anc_y, alpha_y = _anchor(m_y, new_my)
-        h_x = _shifted_entropy_sum(h_x, s_x, m_x, anc_x, alpha_x)
-        h_y = _shifted_entropy_sum(h_y, s_y, m_y, anc_y, alpha_y)
+        h_x = _shifted_entropy_sum(h_x, s_xb + s_xo, m_x, anc_x, alpha_x)
+        h_y = _shifted_entropy_sum(h_y, s_yb + s_yo, m_y, anc_y, alpha_y)
         m_x = new_mx
         m_y = new_my
 
@@ -252,17 +271,20 @@ def _logit_compare_kernel(
         v = tl.where(fy, tl.exp(zy), 0.0)
         xf = tl.where(both, x, 0.0)
         yf = tl.where(both, y, 0.0)
-        df = yf - xf
-        t = tl.where(both, df - c, 0.0)
+        t = tl.where(both, (yf - c_y) - (xf - c_x), 0.0)
         e = _expm1(t)
-        s_x = alpha_x * s_x + tl.sum(w, axis=0)
-        s_y = alpha_y * s_y + tl.sum(v, axis=0)
+        s_xb = alpha_x * s_xb + tl.sum(tl.where(both, w, 0.0), axis=0)
+        s_xo = alpha_x * s_xo + tl.sum(tl.where(only_x, w, 0.0), axis=0)
+        s_yb = alpha_y * s_yb + tl.sum(tl.where(both, v, 0.0), axis=0)
+        s_yo = alpha_y * s_yo + tl.sum(tl.where(only_y, v, 0.0), axis=0)
         h_x += tl.sum(w * zx, axis=0)
         h_y += tl.sum(v * zy, axis=0)
-        u = alpha_x * u + tl.sum(w * e, axis=0)
+        # w·expm1(t) may overflow (inf) for logits ~90 apart; finalize then uses the lse form.
+        u = alpha_x * u + tl.sum(tl.where(w > 0, w * e, 0.0), axis=0)
         a = alpha_x * a + tl.sum(w * t, axis=0)
         b = alpha_y * b + tl.sum(v * t, axis=0)
 
+        df = yf - xf
         xy += tl.sum(xf * yf, axis=0)
         xx += tl.sum(xf * xf, axis=0)
         yy += tl.sum(yf * yf, axis=0)
@@ -275,34 +297,37 @@ def _logit_compare_kernel(
     if not WRITE_PARTIAL:
         _finalize(
             out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
-            m_x, s_x, h_x, m_y, s_y, h_y, c, u, a, b, xy, xx, yy, dd, n_both, n_bad,
-            n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+            m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
+            n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
         )  # fmt: skip
     else:
-        base = (row64 * SPLITS + split) * NUM_STATE_
-        sp = state_ptr + base
+        sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
+        # (order: STATE)
         tl.store(sp + 0, m_x)
-        tl.store(sp + 1, s_x)
-        tl.store(sp + 2, h_x)
-        tl.store(sp + 3, m_y)
-        tl.store(sp + 4, s_y)
-        tl.store(sp + 5, h_y)
-        tl.store(sp + 6, c)
-        tl.store(sp + 7, c_set)
-        tl.store(sp + 8, u)
-        tl.store(sp + 9, a)
-        tl.store(sp + 10, b)
-        tl.store(sp + 11, xy)
-        tl.store(sp + 12, xx)
-        tl.store(sp + 13, yy)
-        tl.store(sp + 14, dd)
-        tl.store(sp + 15, n_both)
-        tl.store(sp + 16, n_bad)
-        tl.store(sp + 17, n_fwd_inf)
-        tl.store(sp + 18, n_rev_inf)
-        tl.store(sp + 19, ax_val)
-        tl.store(sp + 20, ay_val)
-        tl.store(sp + 21, x_at_ay)
+        tl.store(sp + 1, s_xb)
+        tl.store(sp + 2, s_xo)
+        tl.store(sp + 3, h_x)
+        tl.store(sp + 4, m_y)
+        tl.store(sp + 5, s_yb)
+        tl.store(sp + 6, s_yo)
+        tl.store(sp + 7, h_y)
+        tl.store(sp + 8, c_x)
+        tl.store(sp + 9, c_y)
+        tl.store(sp + 10, c_set)
+        tl.store(sp + 11, u)
+        tl.store(sp + 12, a)
+        tl.store(sp + 13, b)
+        tl.store(sp + 14, xy)
+        tl.store(sp + 15, xx)
+        tl.store(sp + 16, yy)
+        tl.store(sp + 17, dd)
+        tl.store(sp + 18, n_both)
+        tl.store(sp + 19, n_bad)
+        tl.store(sp + 20, n_fwd_inf)
+        tl.store(sp + 21, n_rev_inf)
+        tl.store(sp + 22, ax_val)
+        tl.store(sp + 23, ay_val)
+        tl.store(sp + 24, x_at_ay)
         ip = index_ptr + (row64 * SPLITS + split) * 2
         tl.store(ip, ax_idx)
         tl.store(ip + 1, ay_idx)
@@ -330,11 +355,14 @@ def _merge_splits_kernel(
     zero = tl.zeros([], f32)
     m_x = zero + _NEG_INF
     m_y = zero + _NEG_INF
-    s_x = zero
-    s_y = zero
+    s_xb = zero
+    s_xo = zero
+    s_yb = zero
+    s_yo = zero
     h_x = zero
     h_y = zero
-    c = zero
+    c_x = zero
+    c_y = zero
     c_set = zero
     u = zero
     a = zero
@@ -354,67 +382,83 @@ def _merge_splits_kernel(
     ay_idx = tl.zeros([], tl.int32)
     for split in range(SPLITS):
         sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
-        bm_x = tl.load(sp + 0)
-        bs_x = tl.load(sp + 1)
-        bh_x = tl.load(sp + 2)
-        bm_y = tl.load(sp + 3)
-        bs_y = tl.load(sp + 4)
-        bh_y = tl.load(sp + 5)
-        bc = tl.load(sp + 6)
-        bc_set = tl.load(sp + 7)
-        bu = tl.load(sp + 8)
-        ba = tl.load(sp + 9)
-        bb = tl.load(sp + 10)
-        b_ax_val = tl.load(sp + 19)
-        b_ay_val = tl.load(sp + 20)
+        # (order: STATE)
+        b_m_x = tl.load(sp + 0)
+        b_s_xb = tl.load(sp + 1)
+        b_s_xo = tl.load(sp + 2)
+        b_h_x = tl.load(sp + 3)
+        b_m_y = tl.load(sp + 4)
+        b_s_yb = tl.load(sp + 5)
+        b_s_yo = tl.load(sp + 6)
+        b_h_y = tl.load(sp + 7)
+        b_c_x = tl.load(sp + 8)
+        b_c_y = tl.load(sp + 9)
+        b_c_set = tl.load(sp + 10)
+        b_u = tl.load(sp + 11)
+        b_a = tl.load(sp + 12)
+        b_b = tl.load(sp + 13)
+        b_xy = tl.load(sp + 14)
+        b_xx = tl.load(sp + 15)
+        b_yy = tl.load(sp + 16)
+        b_dd = tl.load(sp + 17)
+        b_n_both = tl.load(sp + 18)
+        b_n_bad = tl.load(sp + 19)
+        b_n_fwd_inf = tl.load(sp + 20)
+        b_n_rev_inf = tl.load(sp + 21)
+        b_ax_val = tl.load(sp + 22)
+        b_ay_val = tl.load(sp + 23)
+        b_x_at_ay = tl.load(sp + 24)
         ip = index_ptr + (row64 * SPLITS + split) * 2
         take_x = b_ax_val > ax_val
         take_y = b_ay_val > ay_val
         ax_idx = tl.where(take_x, tl.load(ip), ax_idx)
         ax_val = tl.where(take_x, b_ax_val, ax_val)
         ay_idx = tl.where(take_y, tl.load(ip + 1), ay_idx)
-        x_at_ay = tl.where(take_y, tl.load(sp + 21), x_at_ay)
+        x_at_ay = tl.where(take_y, b_x_at_ay, x_at_ay)
         ay_val = tl.where(take_y, b_ay_val, ay_val)
 
-        # Re-express this split's sums with the common shift c (the first one set):
-        # Σ w expm1(d − c) = e^δ U + s expm1(δ),  Σ w (d − c) = A + s δ,  δ = c_split − c.
-        set_now = (c_set == 0) & (bc_set != 0)
-        c = tl.where(set_now, bc, c)
+        # Re-express this split's sums with the common shift (the first one set): with
+        # δ = c_split − c its t' gives t = t' + δ, so U = e^δ U' + s expm1(δ), A = A' + s δ.
+        set_now = (c_set == 0) & (b_c_set != 0)
+        c_x = tl.where(set_now, b_c_x, c_x)
+        c_y = tl.where(set_now, b_c_y, c_y)
         c_set = tl.where(set_now, 1.0, c_set)
-        delta = tl.where(bc_set != 0, bc - c, 0.0)
-        bu = tl.exp(delta) * bu + bs_x * _expm1(delta)
-        ba = ba + bs_x * delta
-        bb = bb + bs_y * delta
+        delta = tl.where(b_c_set != 0, (b_c_y - c_y) - (b_c_x - c_x), 0.0)
+        b_u = tl.exp(delta) * b_u + b_s_xb * _expm1(delta)
+        b_a = b_a + b_s_xb * delta
+        b_b = b_b + b_s_yb * delta
 
         # Merge the online-softmax states (both rescaled to the larger anchor).
-        new_mx = tl.maximum(m_x, bm_x)
-        new_my = tl.maximum(m_y, bm_y)
+        new_mx = tl.maximum(m_x, b_m_x)
+        new_my = tl.maximum(m_y, b_m_y)
         anc_x, alpha_x = _anchor(m_x, new_mx)
         anc_y, alpha_y = _anchor(m_y, new_my)
-        _, beta_x = _anchor(bm_x, new_mx)
-        _, beta_y = _anchor(bm_y, new_my)
-        h_x = _shifted_entropy_sum(h_x, s_x, m_x, anc_x, alpha_x) + _shifted_entropy_sum(
-            bh_x, bs_x, bm_x, anc_x, beta_x
+        _, beta_x = _anchor(b_m_x, new_mx)
+        _, beta_y = _anchor(b_m_y, new_my)
+        h_x = _shifted_entropy_sum(h_x, s_xb + s_xo, m_x, anc_x, alpha_x) + _shifted_entropy_sum(
+            b_h_x, b_s_xb + b_s_xo, b_m_x, anc_x, beta_x
         )
-        h_y = _shifted_entropy_sum(h_y, s_y, m_y, anc_y, alpha_y) + _shifted_entropy_sum(
-            bh_y, bs_y, bm_y, anc_y, beta_y
+        h_y = _shifted_entropy_sum(h_y, s_yb + s_yo, m_y, anc_y, alpha_y) + _shifted_entropy_sum(
+            b_h_y, b_s_yb + b_s_yo, b_m_y, anc_y, beta_y
         )
-        s_x = alpha_x * s_x + beta_x * bs_x
-        s_y = alpha_y * s_y + beta_y * bs_y
-        u = alpha_x * u + beta_x * bu
-        a = alpha_x * a + beta_x * ba
-        b = alpha_y * b + beta_y * bb
+        s_xb = alpha_x * s_xb + beta_x * b_s_xb
+        s_xo = alpha_x * s_xo + beta_x * b_s_xo
+        s_yb = alpha_y * s_yb + beta_y * b_s_yb
+        s_yo = alpha_y * s_yo + beta_y * b_s_yo
+        u = alpha_x * u + beta_x * b_u
+        a = alpha_x * a + beta_x * b_a
+        b = alpha_y * b + beta_y * b_b
         m_x = new_mx
         m_y = new_my
 
-        xy += tl.load(sp + 11)
-        xx += tl.load(sp + 12)
-        yy += tl.load(sp + 13)
-        dd += tl.load(sp + 14)
-        n_both += tl.load(sp + 15)
-        n_bad += tl.load(sp + 16)
-        n_fwd_inf += tl.load(sp + 17)
-        n_rev_inf += tl.load(sp + 18)
+        xy += b_xy
+        xx += b_xx
+        yy += b_yy
+        dd += b_dd
+        n_both += b_n_both
+        n_bad += b_n_bad
+        n_fwd_inf += b_n_fwd_inf
+        n_rev_inf += b_n_rev_inf
 
     # k-th largest reference logit over all splits' buffers (padding slots read as -inf).
     sl = tl.arange(0, SPLITS_P2)[:, None]
@@ -434,8 +478,8 @@ def _merge_splits_kernel(
     _finalize(
         out_ptr, N, row, ref_ptr + row64 * ref_stride, quant_ptr + row64 * quant_stride,
         label_ptr, ignore_index,
-        m_x, s_x, h_x, m_y, s_y, h_y, c, u, a, b, xy, xx, yy, dd, n_both, n_bad,
-        n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+        m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
+        n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
     )  # fmt: skip
 
 

@@ -23,6 +23,9 @@ import torch
 # About 8 MiB of fp32 per [chunk, V] buffer: large enough to amortise per-op overhead,
 # small enough for the working set to stay in the last-level cache.
 _CHUNK_ELEMENTS = 24 * 32768
+_FLOAT_OUT = (
+    "kl", "reverse_kl", "entropy_ref", "entropy_quant", "cosine", "mse", "lse_ref", "lse_quant",
+)  # fmt: skip
 # Segment length of the batched-matmul reductions (fp32 partial sums of this many terms).
 _SEGMENT = 1024
 # Block width of the two-level argmax (a vectorised max over blocks, then one block per row).
@@ -110,6 +113,17 @@ class _Buffers:
         return parts
 
 
+def _sum_squares(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ t² per row over body segments and tail: fp32 partial norms, combined in float64."""
+    total = None
+    for part in parts:
+        dims = tuple(range(1, part.dim()))[-1:]
+        sq = torch.linalg.vector_norm(part, dim=dims).double().square()
+        sq = sq.sum(dim=tuple(range(1, sq.dim()))) if sq.dim() > 1 else sq
+        total = sq if total is None else total + sq
+    return total
+
+
 def _apply(fn, out: list[torch.Tensor], *args: list[torch.Tensor]) -> None:
     """Run ``fn(*args, out=...)`` on the body and tail views."""
     for i, o in enumerate(out):
@@ -119,13 +133,13 @@ def _apply(fn, out: list[torch.Tensor], *args: list[torch.Tensor]) -> None:
 def _fast_rows(
     x: torch.Tensor,
     y: torch.Tensor,
-    norm_x: torch.Tensor,
-    norm_y: torch.Tensor,
+    sq_x: torch.Tensor,
+    sq_y: torch.Tensor,
     top_k: int,
     buf: _Buffers,
 ) -> dict[str, torch.Tensor]:
     """Metrics for rows whose entries are all finite (fp32 x, y of shape [r, V] and their
-    precomputed L2 norms)."""
+    precomputed float64 sums of squares)."""
     r, vocab = x.shape
     w, v = buf.slots(buf.weights, 0, r), buf.slots(buf.weights, 1, r)
     bx, by, t, e, d = (buf.slots(buf.values, i, r) for i in range(1, 6))
@@ -151,9 +165,7 @@ def _fast_rows(
     wt, vt, we = sums[:, 0, 3], sums[:, 1, 3], sums[:, 0, 4]
     # U_r = Σ v expm1(−t) = −exp(κ)·U exactly, with κ = m_x − m_y + c = 0 here
     u_rev = -we
-    norm_d = torch.linalg.vector_norm(buf.values[:r, :, 5], dim=(1, 2)).double()
-
-    sq_x, sq_y, sq_d = norm_x.double().square(), norm_y.double().square(), norm_d.square()
+    sq_d = _sum_squares(d)
     denom = (sq_x * sq_y).sqrt()
     # Polarisation is accurate while x·y is not small next to ‖x‖‖y‖; other rows get a direct dot.
     dot = (sq_x + sq_y - sq_d) / 2
@@ -225,6 +237,48 @@ def _masked_rows(x: torch.Tensor, y: torch.Tensor, top_k: int) -> dict[str, torc
     }
 
 
+def _chunk_metrics(
+    x: torch.Tensor, y: torch.Tensor, top_k: int, buf: _Buffers
+) -> dict[str, torch.Tensor]:
+    """Metrics of one chunk: the fp32 fast path for rows of finite entries, the float64 masked
+    path for rows with −inf entries or where the fast path overflowed (logits ~90 apart), and
+    NaN / False for rows holding NaN or +inf."""
+    r = x.shape[0]
+    # Σx² is finite exactly when every entry is: cheap classification of the common case.
+    sq_x = _sum_squares(buf.split(x))
+    sq_y = _sum_squares(buf.split(y))
+    plain = torch.isfinite(sq_x) & torch.isfinite(sq_y)
+    if bool(plain.all()):
+        values = _fast_rows(x, y, sq_x, sq_y, top_k, buf)
+        values["finite"] = torch.ones(r, dtype=torch.bool, device=x.device)
+        redo = ~torch.isfinite(values["kl"]) | ~torch.isfinite(values["reverse_kl"])
+        if not bool(redo.any()):
+            return values
+        values = {k: v.clone() for k, v in values.items()}
+    else:
+        values = {k: torch.full((r,), torch.nan, dtype=torch.float64, device=x.device)
+                  for k in _FLOAT_OUT}  # fmt: skip
+        for k in ("top1_match", "topk_match"):
+            values[k] = torch.zeros(r, dtype=torch.bool, device=x.device)
+        idx = plain.nonzero().squeeze(-1)
+        if idx.numel():
+            fast = _fast_rows(x[idx], y[idx], sq_x[idx], sq_y[idx], top_k, buf)
+            for k, v in fast.items():
+                values[k][idx] = v
+        # NaN or +inf anywhere, or no finite entry, makes a row non-finite.
+        no_nan = ~(x.isnan().any(-1) | y.isnan().any(-1))
+        hi_x, hi_y = x.amax(-1), y.amax(-1)
+        finite = no_nan & (hi_x < torch.inf) & (hi_y < torch.inf)
+        values["finite"] = finite & (hi_x > -torch.inf) & (hi_y > -torch.inf)
+        redo = values["finite"] & (~plain | ~torch.isfinite(values["kl"])
+                                   | ~torch.isfinite(values["reverse_kl"]))  # fmt: skip
+    idx = redo.nonzero().squeeze(-1)
+    if idx.numel():
+        for k, v in _masked_rows(x[idx], y[idx], top_k).items():
+            values[k][idx] = v.to(values[k].dtype)
+    return values
+
+
 def logit_compare_torch(
     ref: torch.Tensor,
     quant: torch.Tensor,
@@ -264,38 +318,8 @@ def logit_compare_torch(
         stop = min(n, start + chunk_rows)
         x = buf.as_f32("ref", ref[start:stop])
         y = buf.as_f32("quant", quant[start:stop])
-        # A finite norm means every entry is finite; only the other rows are classified:
-        # NaN or +inf anywhere makes a row non-finite, −inf entries are masked tokens.
-        norm_x = torch.linalg.vector_norm(x, dim=-1)
-        norm_y = torch.linalg.vector_norm(y, dim=-1)
-        plain = torch.isfinite(norm_x) & torch.isfinite(norm_y)
-        rows = torch.arange(start, stop, device=dev)
-        if bool(plain.all()):
-            out["finite"][start:stop] = True
-            groups = [(slice(start, stop), _fast_rows(x, y, norm_x, norm_y, top_k, buf))]
-        else:
-            idx = plain.nonzero().squeeze(-1)
-            groups = []
-            if idx.numel():
-                fast = _fast_rows(x[idx], y[idx], norm_x[idx], norm_y[idx], top_k, buf)
-                groups.append((rows[idx], fast))
-            odd = (~plain).nonzero().squeeze(-1)
-            xo, yo = x[odd], y[odd]
-            no_nan = ~(xo.isnan().any(-1) | yo.isnan().any(-1))
-            ok = no_nan & (xo.amax(-1) < torch.inf) & (yo.amax(-1) < torch.inf)
-            ok &= (xo.amax(-1) > -torch.inf) & (yo.amax(-1) > -torch.inf)
-            out["finite"][rows[idx]] = True
-            out["finite"][rows[odd]] = ok
-            sel = odd[ok]
-            if sel.numel():
-                groups.append((rows[sel], _masked_rows(x[sel], y[sel], top_k)))
-        for where, values in groups:
-            if isinstance(where, slice):
-                for name, value in values.items():
-                    out[name][where] = value
-            else:
-                for name, value in values.items():
-                    out[name].index_copy_(0, where, value.to(out[name].dtype))
+        for name, value in _chunk_metrics(x, y, top_k, buf).items():
+            out[name][start:stop] = value
 
     result = {
         name: out[name].float()

@@ -1,0 +1,71 @@
+"""Peak memory of the evaluator's chunked-logit path against one full fp32 logit tensor.
+
+    python -m benchmarks.chunked_logits_memory [--vocab 128256 --window 2048 --batch 4]
+
+A tiny Llama with a large vocabulary runs one batch through :class:`QuantizationEvaluator`
+(reference vs an int8 RTN copy, logits made 256 positions at a time) in a fresh subprocess;
+the growth of its peak RSS is compared with the size of one [batch, window, V] fp32 logit tensor
+(what a plain ``model(ids).logits`` pass would hold, before any log-softmax copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+
+def _child(vocab: int, window: int, batch: int, chunk: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qmetrics.evaluator import QuantizationEvaluator
+    from qmetrics.models import ModelEntry, rtn_candidate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=window,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    ref = ModelEntry("ref", LlamaForCausalLM(config).eval(), tokenizer=object())
+    cand = rtn_candidate(ref, "int8")
+    ids = torch.randint(0, vocab, (batch * window,))
+    ev = QuantizationEvaluator(ref, [cand], context_length=window, batch_size=batch,
+                               logit_chunk_tokens=chunk, progress=False)  # fmt: skip
+    # warm up the code paths on a short corpus, then measure one full batch
+    ev.evaluate(ids[: 2 * 64])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = ev.evaluate(ids)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "peak_growth_mb": (after - before) / 1024,
+        "tokens_scored": result.comparisons[cand.name].tokens_scored,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=256)
+    args = parser.parse_args(argv)
+    code = (
+        "import json; from benchmarks.chunked_logits_memory import _child; "
+        f"print(json.dumps(_child({args.vocab}, {args.window}, {args.batch}, {args.chunk})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    full_mb = args.batch * args.window * args.vocab * 4 / 2**20
+    print(f"batch {args.batch} × window {args.window} × V {args.vocab}, chunk {args.chunk}")
+    print(f"one full fp32 logit tensor:        {full_mb:10.1f} MiB")
+    print(f"chunked evaluator peak RSS growth: {measured['peak_growth_mb']:10.1f} MiB "
+          f"({100 * measured['peak_growth_mb'] / full_mb:.1f}% of it)")  # fmt: skip
+    print(f"tokens scored: {measured['tokens_scored']}")
+
+
+if __name__ == "__main__":
+    main()

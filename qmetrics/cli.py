@@ -1,0 +1,194 @@
+"""``qmetrics`` command line: ``compare`` (reference vs candidates over a corpus) and ``demo``.
+
+Exit codes: 0 success, 1 a ``--fail-if`` threshold was broken, 2 bad input (a one-line error,
+never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qmetrics.corpus import DEMO_SOURCE, CorpusError, iter_texts
+
+DEMO_QUANTIZE = ("int8", "int4-g32", "int3-g32")
+DEMO_CONTEXT = 128
+DEFAULT_DATASET = "wikitext:wikitext-2-raw-v1:test"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _add_compare_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--reference", help="HF model id or local path (omit to run the demo)")
+        p.add_argument(
+            "--candidate",
+            action="append",
+            default=[],
+            metavar="M",
+            help="quantized model to compare (repeatable)",
+        )
+        p.add_argument(
+            "--quantize",
+            action="append",
+            default=[],
+            metavar="SPEC",
+            help="make a round-to-nearest candidate from the reference, e.g. int8, "
+            "int4-g128, int3-g64-asym (repeatable)",
+        )
+        p.add_argument(
+            "--dataset",
+            default=None,
+            help="'demo', a .txt/.jsonl/.parquet file, or a HF dataset "
+            "NAME[:CONFIG[:SPLIT]] (default wikitext:wikitext-2-raw-v1:test)",
+        )
+        p.add_argument("--text-field", default="text", help="text column of .jsonl/.parquet/HF")
+        p.add_argument("--context-length", type=int, default=512)
+        p.add_argument(
+            "--stride",
+            type=int,
+            default=None,
+            help="window stride (default: context length, non-overlapping)",
+        )
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--max-tokens", type=int, default=None, help="bound on corpus tokens")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
+        p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
+        p.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="allow model repositories to run their own code (off by default)",
+        )
+        p.add_argument("--gguf-file", default=None, help="GGUF file inside the candidate repo")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument(
+        "--logit-chunk",
+        type=int,
+        default=256,
+        help="positions per logit chunk (bounds peak memory)",
+    )
+    p.add_argument("--output", type=Path, default=Path("qmetrics-report"), metavar="DIR")
+    p.add_argument(
+        "--fail-if",
+        default=None,
+        metavar="EXPR",
+        help='thresholds, e.g. "kl_mean>0.05,top1<0.90,ppl_ratio>1.05"',
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
+    p.add_argument("--checkpoint-every", type=int, default=8, metavar="BATCHES")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``qmetrics``."""
+    parser = argparse.ArgumentParser(
+        prog="qmetrics", description="Measure how far a quantized LLM drifts from its reference."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compare_args(sub.add_parser("compare", help="compare models over a corpus"))
+    _add_compare_args(
+        sub.add_parser("demo", help="offline demo: the bundled model vs its RTN versions"),
+        demo=True,
+    )
+    return parser
+
+
+def _demo_args(args: argparse.Namespace) -> argparse.Namespace:
+    from qmetrics.corpus import demo_text_path
+
+    args.reference = str(demo_text_path().parent)
+    args.candidate = []
+    args.quantize = list(DEMO_QUANTIZE)
+    args.dataset = DEMO_SOURCE
+    args.text_field = "text"
+    args.context_length = DEMO_CONTEXT
+    args.stride = None
+    args.batch_size = 8
+    args.max_tokens = None
+    args.device = "cpu"
+    args.dtype = "float32"
+    args.trust_remote_code = False
+    args.gguf_file = None
+    return args
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Load, evaluate, report, gate. Returns the exit code."""
+    from qmetrics.gate import check_gate, parse_gate
+    from qmetrics.rtn_quantize import QuantSpec
+
+    if args.command == "demo" or not args.reference:
+        args = _demo_args(args)
+    thresholds = parse_gate(args.fail_if) if args.fail_if else []
+    specs = [QuantSpec.parse(s) for s in args.quantize]
+    if args.context_length < 2:
+        raise UsageError(f"--context-length must be ≥ 2, got {args.context_length}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if not args.candidate and not specs:
+        raise UsageError("nothing to compare: give --candidate M and/or --quantize SPEC")
+
+    from qmetrics.evaluator import QuantizationEvaluator
+    from qmetrics.models import load_pretrained, rtn_candidate
+    from qmetrics.report import render_terminal_table, write_reports
+
+    load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    reference = load_pretrained(args.reference, **load)
+    candidates = [load_pretrained(m, gguf_file=args.gguf_file, **load) for m in args.candidate]
+    candidates += [rtn_candidate(reference, spec) for spec in specs]
+    evaluator = QuantizationEvaluator(
+        reference,
+        candidates,
+        context_length=args.context_length,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        top_k=args.top_k,
+        logit_chunk_tokens=args.logit_chunk,
+        checkpoint_dir=args.output / "checkpoint",
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+    dataset = args.dataset or DEFAULT_DATASET
+    texts = iter_texts(dataset, text_field=args.text_field)
+    result = evaluator.evaluate(texts, resume=args.resume)
+    report = result.to_dict()
+    report["settings"]["dataset"] = dataset
+    paths = write_reports(report, args.output)
+    _print_table(render_terminal_table(report))
+    print(f"reports: {', '.join(str(p) for p in paths.values())}")
+    violations = check_gate(thresholds, report)
+    for v in violations:
+        print(f"FAIL {v}")
+    return 1 if violations else 0
+
+
+def _print_table(table) -> None:
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(table)
+        return
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qmetrics`` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_compare(args)
+    except (UsageError, CorpusError, ValueError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"qmetrics: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qmetrics: interrupted (use --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
