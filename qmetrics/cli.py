@@ -7,6 +7,7 @@ never a traceback).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -131,10 +132,19 @@ def run_compare(args: argparse.Namespace) -> int:
     if not args.candidate and not specs:
         raise UsageError("nothing to compare: give --candidate M and/or --quantize SPEC")
 
+    # Read the corpus's first document before loading any model: a bad corpus fails fast.
+    dataset = args.dataset or DEFAULT_DATASET
+    texts = iter_texts(dataset, text_field=args.text_field)
+    first = next(texts, None)
+    if first is None:
+        raise CorpusError(f"the corpus is empty: {dataset} holds no documents")
+    texts = itertools.chain([first], texts)
+
     from qmetrics.evaluator import QuantizationEvaluator
     from qmetrics.models import load_pretrained, rtn_candidate
     from qmetrics.report import render_terminal_table, write_reports
 
+    _quiet_transformers()
     load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     reference = load_pretrained(args.reference, **load)
     candidates = [load_pretrained(m, gguf_file=args.gguf_file, **load) for m in args.candidate]
@@ -152,8 +162,6 @@ def run_compare(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
     )
-    dataset = args.dataset or DEFAULT_DATASET
-    texts = iter_texts(dataset, text_field=args.text_field)
     result = evaluator.evaluate(texts, resume=args.resume)
     report = result.to_dict()
     report["settings"]["dataset"] = dataset
@@ -164,6 +172,16 @@ def run_compare(args: argparse.Namespace) -> int:
     for v in violations:
         print(f"FAIL {v}")
     return 1 if violations else 0
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars or advisory warnings from transformers on the terminal."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _print_table(table) -> None:
