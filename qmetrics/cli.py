@@ -149,6 +149,12 @@ def run_compare(args: argparse.Namespace) -> int:
     reference = load_pretrained(args.reference, **load)
     candidates = [load_pretrained(m, gguf_file=args.gguf_file, **load) for m in args.candidate]
     candidates += [rtn_candidate(reference, spec) for spec in specs]
+    seen = {reference.name}
+    for cand in candidates:  # two checkpoints in folders of one name stay apart
+        base, n = cand.name, 2
+        while cand.name in seen:
+            cand.name, n = f"{base}-{n}", n + 1
+        seen.add(cand.name)
     evaluator = QuantizationEvaluator(
         reference,
         candidates,
@@ -190,7 +196,10 @@ def _print_table(table) -> None:
     except ImportError:
         print(table)
         return
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,9 @@ def load_pretrained(
     origin = {"source": "pretrained", "name_or_path": str(name_or_path)}
     if gguf_file:
         origin["gguf_file"] = gguf_file
-    return ModelEntry(str(name_or_path), model, tokenizer, origin)
+    # a local checkpoint is named by its folder (the full path stays in origin)
+    name = local.resolve().name if local.exists() else str(name_or_path)
+    return ModelEntry(name, model, tokenizer, origin)
 
 
 def rtn_candidate(reference: ModelEntry, spec: str | QuantSpec) -> ModelEntry:
