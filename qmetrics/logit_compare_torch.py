@@ -10,18 +10,22 @@ Per row, with reference logits x, quant logits y, maxima m_x, m_y and shift c = 
 
 U, A and B are small when the models agree, so KL comes out accurately even at 1e-6 instead of
 as the difference of two large log-sum-exps. Entropies: H(P) = log s_x − Σ w_i (x_i − m_x)/s_x.
-Cosine uses Σxy = (‖x‖² + ‖y‖² − ‖x − y‖²)/2; MSE = ‖x − y‖²/V.
+Cosine uses Σxy = (‖x‖² + ‖y‖² − ‖x − y‖²)/2 (a direct dot where that would cancel);
+MSE = ‖x − y‖²/V. Every weighted sum comes from one batched matmul over segments of ~1024
+entries with fp32 partial sums, added in float64; argmax is a two-level (block, then within
+block) search, since ``torch.max(dim)`` is slow on the CPU.
 
-Extra memory is O(chunk·V): a handful of [chunk, V] fp32 buffers reused across chunks. Rows
-holding −inf entries take a masked float64 path; rows with NaN/+inf get NaN outputs.
+Extra memory is O(chunk·V): a handful of [chunk, V] fp32 planes reused across chunks. Rows
+holding −inf entries, or whose logits are so far apart that expm1 overflows, take a masked
+float64 path; rows with NaN/+inf get NaN outputs.
 """
 
 from __future__ import annotations
 
 import torch
 
-# About 8 MiB of fp32 per [chunk, V] buffer: large enough to amortise per-op overhead,
-# small enough for the working set to stay in the last-level cache.
+# About 3 MiB of fp32 per [chunk, V] plane (24 rows at V = 32k): large enough to amortise
+# per-op overhead, small enough for the ~10 planes in use to stay in the last-level cache.
 _CHUNK_ELEMENTS = 24 * 32768
 _FLOAT_OUT = (
     "kl", "reverse_kl", "entropy_ref", "entropy_quant", "cosine", "mse", "lse_ref", "lse_quant",
@@ -54,27 +58,24 @@ def _first_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Buffers:
-    """Reusable fp32 work buffers for one chunk of rows.
+    """Reusable fp32 work buffers for one chunk of rows, stored planar: one [rows, width] plane
+    per quantity, each row zero padded from V to ``width = nseg·seg``.
 
-    Each row of V entries is stored as ``nseg`` segments of ``_SEGMENT`` (zero padded): one
-    batched matmul over [rows·nseg] small blocks then yields every weighted sum with fp32
-    partial sums of only ``_SEGMENT`` terms, which are added in float64 afterwards.
+    Viewed as [rows·nseg] blocks of ``seg`` entries, one batched matmul yields every weighted
+    sum with fp32 partial sums of only ``seg`` terms, which are then added in float64.
     """
 
     def __init__(self, rows: int, vocab: int, device: torch.device):
-        f32 = torch.float32
-        self.seg = seg = min(_SEGMENT, vocab)
-        self.body = vocab // seg  # full segments
-        self.tail = vocab - self.body * seg
-        nseg = self.body + (1 if self.tail else 0)
+        self.vocab = vocab
+        self.seg = _segment_length(vocab)
+        self.nseg = -(-vocab // self.seg)
+        width = self.nseg * self.seg
         # w = exp(x − m_x), v = exp(y − m_y): the left operand of the batched matmul
-        self.weights = torch.empty(rows, nseg, 2, seg, dtype=f32, device=device)
-        # 1, x − m_x, y − m_y, t = y − x − c, expm1(t) (the right operands), d = y − x
-        self.values = torch.empty(rows, nseg, 6, seg, dtype=f32, device=device)
-        self.values[:, :, 0].fill_(1.0)
-        if self.tail:  # padding: zero weights, finite values
-            self.weights[:, -1, :, self.tail :].zero_()
-            self.values[:, -1, 1:, self.tail :].zero_()
+        self.weights = torch.zeros(2, rows, width, dtype=torch.float32, device=device)
+        # 1, x − m_x, y − m_y, t = y − x − c, expm1(t): the right operand
+        self.values = torch.zeros(5, rows, width, dtype=torch.float32, device=device)
+        self.values[0].fill_(1.0)
+        self.diff = torch.empty(rows, vocab, dtype=torch.float32, device=device)  # y − x
         self.ref: torch.Tensor | None = None
         self.quant: torch.Tensor | None = None
 
@@ -88,46 +89,37 @@ class _Buffers:
             setattr(self, name, buf)
         return buf[: t.shape[0]].copy_(t)
 
-    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a [r, V] tensor (or a [r] per-row scalar) matching :meth:`slots`."""
-        parts = []
-        if t.dim() == 1:
-            if self.body:
-                parts.append(t[:, None, None])
-            if self.tail:
-                parts.append(t[:, None])
-            return parts
-        if self.body:
-            parts.append(t[:, : self.body * self.seg].unflatten(-1, (self.body, self.seg)))
-        if self.tail:
-            parts.append(t[:, self.body * self.seg :])
-        return parts
+    def plane(self, buffer: torch.Tensor, k: int, r: int) -> torch.Tensor:
+        """The [r, V] view of quantity ``k`` of ``buffer`` (padding excluded)."""
+        return buffer[k, :r, : self.vocab]
 
-    def slots(self, buffer: torch.Tensor, row: int, r: int) -> list[torch.Tensor]:
-        """Views of one row kind (``buffer[:r, :, row]``) as body segments and tail."""
-        parts = []
-        if self.body:
-            parts.append(buffer[:r, : self.body, row])
-        if self.tail:
-            parts.append(buffer[:r, self.body, row, : self.tail])
-        return parts
+    def weighted_sums(self, r: int) -> torch.Tensor:
+        """[r, 2, 5] float64: Σ_i w_i·value_i and Σ_i v_i·value_i for each value plane."""
+        lhs = self.weights[:, :r].reshape(2, r * self.nseg, self.seg).transpose(0, 1)
+        rhs = self.values[:, :r].reshape(5, r * self.nseg, self.seg).transpose(0, 1)
+        partial = torch.bmm(lhs, rhs.transpose(1, 2))  # [r·nseg, 2, 5]
+        return partial.view(r, self.nseg, 2, 5).sum(1, dtype=torch.float64)
+
+    def sum_squares(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ t² per row of a [r, V] tensor: fp32 partial norms per segment, added in float64."""
+        body = (self.vocab // self.seg) * self.seg
+        parts = [t[:, :body].unflatten(-1, (-1, self.seg))] if body else []
+        if body < self.vocab:
+            parts.append(t[:, body:, None])
+        return sum(
+            torch.linalg.vector_norm(p, dim=-1).double().square().sum(-1) for p in parts
+        )
 
 
-def _sum_squares(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Σ t² per row over body segments and tail: fp32 partial norms, combined in float64."""
-    total = None
-    for part in parts:
-        dims = tuple(range(1, part.dim()))[-1:]
-        sq = torch.linalg.vector_norm(part, dim=dims).double().square()
-        sq = sq.sum(dim=tuple(range(1, sq.dim()))) if sq.dim() > 1 else sq
-        total = sq if total is None else total + sq
-    return total
-
-
-def _apply(fn, out: list[torch.Tensor], *args: list[torch.Tensor]) -> None:
-    """Run ``fn(*args, out=...)`` on the body and tail views."""
-    for i, o in enumerate(out):
-        fn(*(a[i] for a in args), out=o)
+def _segment_length(vocab: int) -> int:
+    """A divisor of V in [_SEGMENT/2, 2·_SEGMENT] when there is one (no padding), else
+    _SEGMENT; V itself when V ≤ _SEGMENT."""
+    if vocab <= _SEGMENT:
+        return vocab
+    for seg in (*range(_SEGMENT, 2 * _SEGMENT + 1), *range(_SEGMENT - 1, _SEGMENT // 2 - 1, -1)):
+        if vocab % seg == 0:
+            return seg
+    return _SEGMENT
 
 
 def _fast_rows(
@@ -141,31 +133,27 @@ def _fast_rows(
     """Metrics for rows whose entries are all finite (fp32 x, y of shape [r, V] and their
     precomputed float64 sums of squares)."""
     r, vocab = x.shape
-    w, v = buf.slots(buf.weights, 0, r), buf.slots(buf.weights, 1, r)
-    bx, by, t, e, d = (buf.slots(buf.values, i, r) for i in range(1, 6))
-    xs, ys = buf.split(x), buf.split(y)
+    w, v = buf.plane(buf.weights, 0, r), buf.plane(buf.weights, 1, r)
+    bx, by, t, e = (buf.plane(buf.values, k, r) for k in range(1, 5))
+    d = buf.diff[:r]
 
     mx, ax = _first_argmax(x)
     my, ay = _first_argmax(y)
-    _apply(torch.sub, bx, xs, buf.split(mx))
-    _apply(torch.exp, w, bx)
-    _apply(torch.sub, by, ys, buf.split(my))
-    _apply(torch.exp, v, by)
-    _apply(torch.sub, d, ys, xs)
-    # t = d − c with c = m_y − m_x: the shift that keeps t, U, A and B small
-    _apply(torch.sub, t, by, bx)
-    _apply(torch.expm1, e, t)
-    # [r·nseg, 2, S] @ [r·nseg, S, 5] -> partial sums of S terms, added in float64: [r, 2, 5]
-    lhs = buf.weights[:r].flatten(0, 1)
-    rhs = buf.values[:r, :, :5]
-    sums = torch.bmm(lhs, rhs.flatten(0, 1).transpose(1, 2)).unflatten(0, (r, -1))
-    sums = sums.sum(1, dtype=torch.float64)
+    torch.sub(x, mx[:, None], out=bx)
+    torch.exp(bx, out=w)
+    torch.sub(y, my[:, None], out=by)
+    torch.exp(by, out=v)
+    torch.sub(y, x, out=d)
+    # t = d − c with c = m_y − m_x, formed from the nearby numbers y − m_y and x − m_x
+    torch.sub(by, bx, out=t)
+    torch.expm1(t, out=e)
+    sums = buf.weighted_sums(r)
     s_x, s_y = sums[:, 0, 0], sums[:, 1, 0]
     wx, vy = sums[:, 0, 1], sums[:, 1, 2]
     wt, vt, we = sums[:, 0, 3], sums[:, 1, 3], sums[:, 0, 4]
     # U_r = Σ v expm1(−t) = −exp(κ)·U exactly, with κ = m_x − m_y + c = 0 here
     u_rev = -we
-    sq_d = _sum_squares(d)
+    sq_d = buf.sum_squares(d)
     denom = (sq_x * sq_y).sqrt()
     # Polarisation is accurate while x·y is not small next to ‖x‖‖y‖; other rows get a direct dot.
     dot = (sq_x + sq_y - sq_d) / 2
@@ -245,8 +233,8 @@ def _chunk_metrics(
     NaN / False for rows holding NaN or +inf."""
     r = x.shape[0]
     # Σx² is finite exactly when every entry is: cheap classification of the common case.
-    sq_x = _sum_squares(buf.split(x))
-    sq_y = _sum_squares(buf.split(y))
+    sq_x = buf.sum_squares(x)
+    sq_y = buf.sum_squares(y)
     plain = torch.isfinite(sq_x) & torch.isfinite(sq_y)
     if bool(plain.all()):
         values = _fast_rows(x, y, sq_x, sq_y, top_k, buf)
