@@ -1,4 +1,5 @@
-"""``qmetrics`` command line: ``compare`` (reference vs candidates over a corpus) and ``demo``.
+"""``qmetrics`` command line: ``compare`` (reference vs candidates over a corpus), ``demo``
+(the offline demo) and ``layers`` (per-layer error and sensitivity ablation).
 
 Exit codes: 0 success, 1 a ``--fail-if`` threshold was broken, 2 bad input (a one-line error,
 never a traceback).
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("demo", help="offline demo: the bundled model vs its RTN versions"),
         demo=True,
     )
+    from qmetrics.layers_cli import add_layers_parser
+
+    add_layers_parser(sub)
     return parser
 
 
@@ -207,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "layers":
+            from qmetrics.layers_cli import run_layers
+
+            return run_layers(args)
         return run_compare(args)
     except (UsageError, CorpusError, ValueError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -106,9 +106,7 @@ class _Buffers:
         parts = [t[:, :body].unflatten(-1, (-1, self.seg))] if body else []
         if body < self.vocab:
             parts.append(t[:, body:, None])
-        return sum(
-            torch.linalg.vector_norm(p, dim=-1).double().square().sum(-1) for p in parts
-        )
+        return sum(torch.linalg.vector_norm(p, dim=-1).double().square().sum(-1) for p in parts)
 
 
 def _segment_length(vocab: int) -> int:

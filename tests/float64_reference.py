@@ -177,3 +177,61 @@ def make_pair_with_kl(
         # KL ∝ eps² locally: rescale eps by sqrt(target / kl)
         eps = eps * torch.sqrt(target_kl / kl.clamp_min(1e-30))
     return ref, quant_for(eps)
+
+
+# --- hidden states ------------------------------------------------------------------------------
+
+HIDDEN_SUM_KEYS = ("ref_sq", "cand_sq", "dot", "diff_sq", "max_abs_diff", "nonfinite")
+
+
+def reference_hidden_sums(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 per-row sums of activations ``ref``/``cand`` [..., H] flattened to [N, H], over
+    the positions where both are finite: Σx², Σy², Σxy, Σ(x−y)², max|x−y| (0 when there is
+    none), and the count of positions where either is NaN or ±inf."""
+    H = ref.shape[-1]
+    x = ref.detach().to(device="cpu", dtype=torch.float64).reshape(-1, H)
+    y = cand.detach().to(device="cpu", dtype=torch.float64).reshape(-1, H)
+    ok = torch.isfinite(x) & torch.isfinite(y)
+    zero = torch.zeros((), dtype=torch.float64)
+    x, y = torch.where(ok, x, zero), torch.where(ok, y, zero)
+    return {
+        "ref_sq": (x * x).sum(-1),
+        "cand_sq": (y * y).sum(-1),
+        "dot": (x * y).sum(-1),
+        "diff_sq": ((x - y) ** 2).sum(-1),
+        "max_abs_diff": (x - y).abs().max(dim=-1).values,
+        "nonfinite": (~ok).sum(-1),
+    }
+
+
+def reference_layer_errors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Float64 layer statistics of all (reference, candidate) activation batches [..., H]
+    together, as defined in :mod:`qmetrics.layer_stats`: rows holding a non-finite value are
+    counted and left out; over the other rows, with Δ = x − y,
+    MSE = ΣΔ²/#elements, rel = √(ΣΔ²/Σx²), SNR = 10·log10(Σx²/ΣΔ²), cosine = mean per-row
+    x·y/(‖x‖‖y‖) (0 when one row is all zero, 1 when both
+    are), max |Δ|."""
+    H = pairs[0][0].shape[-1]
+    x = torch.cat([r.detach().double().reshape(-1, H) for r, _ in pairs])
+    y = torch.cat([c.detach().double().reshape(-1, H) for _, c in pairs])
+    finite = torch.isfinite(x) & torch.isfinite(y)
+    good = finite.all(dim=-1)
+    nonfinite_values = int((~finite).sum())
+    x, y = x[good], y[good]
+    d = x - y
+    ref_sq, diff_sq = float((x * x).sum()), float((d * d).sum())
+    nx, ny = (x * x).sum(-1).sqrt(), (y * y).sum(-1).sqrt()
+    cos = (x * y).sum(-1) / (nx * ny)
+    cos[(nx == 0) != (ny == 0)] = 0.0  # one row all zero: orthogonal by convention
+    cos[(nx == 0) & (ny == 0)] = 1.0  # both all zero: identical
+    snr = math.inf if diff_sq == 0 else 10 * math.log10(ref_sq / diff_sq)
+    return {
+        "tokens": int(good.sum()),
+        "nonfinite_rows": int((~good).sum()),
+        "nonfinite_values": nonfinite_values,
+        "mse": diff_sq / d.numel(),
+        "rel_error": math.sqrt(diff_sq / ref_sq),
+        "snr_db": snr,
+        "cosine": float(cos.mean()),
+        "max_abs_error": float(d.abs().max()),
+    }

@@ -132,3 +132,13 @@ def test_resume_after_kill_gives_the_same_report(model_dir, corpus, tmp_path):
     assert resumed["comparisons"] == fresh["comparisons"]
     assert resumed["models"]["rtn-int4-g32"]["perplexity"] == \
         fresh["models"]["rtn-int4-g32"]["perplexity"]  # fmt: skip
+
+
+def test_layers_command_bad_input_is_exit_2(model_dir, corpus, tmp_path, capsys):
+    base = ["layers", "--reference", str(model_dir), "--dataset", str(corpus), "--output",
+            str(tmp_path), "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert run(*base, "--quantize", "int9") == 2
+    assert "int9" in capsys.readouterr().err
+    assert run("layers", "--reference", "/nonexistent/model", "--quantize", "int8",
+               "--dataset", str(corpus)) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""``qmetrics layers``: per-layer error of a candidate, and one-unit-at-a-time sensitivity.
+
+    qmetrics layers --reference M (--candidate M2 | --quantize SPEC) [--modules PATTERN]...
+                    [--ablate [--ablate-by module|type] [--ablate-tokens N]] ...
+
+Writes ``layers.json`` and ``layers.png`` into ``--output`` and prints ranked tables. Bad input
+raises :class:`qmetrics.cli.UsageError` (or ``ValueError``), which ``qmetrics.cli.main`` turns
+into a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+from typing import Any
+
+from qmetrics.cli import DEFAULT_DATASET, UsageError, _print_table, _quiet_transformers
+from qmetrics.corpus import CorpusError, check_same_tokens, iter_texts, tokenize_texts
+
+
+def add_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``layers`` command to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "layers", help="per-layer error and layer sensitivity of one quantized model"
+    )
+    p.add_argument("--reference", required=True, help="HF model id or local path")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--candidate", metavar="M", help="quantized model to analyse")
+    which.add_argument(
+        "--quantize", metavar="SPEC", help="round-to-nearest candidate, e.g. int4-g128"
+    )
+    p.add_argument(
+        "--modules",
+        action="append",
+        metavar="PATTERN",
+        help="modules to compare (repeatable): blocks (default), attention, mlp, linear, "
+        "type:ClassName, or a regex on qualified names",
+    )
+    p.add_argument(
+        "--no-input-matched",
+        action="store_true",
+        help="skip the local error (candidate modules fed the reference's inputs)",
+    )
+    p.add_argument("--ablate", action="store_true", help="rank units by output KL when ablated")
+    p.add_argument("--ablate-by", choices=("module", "type"), default="module",
+                   help="one unit per module, or per module type across layers")  # fmt: skip
+    p.add_argument("--ablate-tokens", type=int, default=2048, help="token budget of the ablation")
+    p.add_argument("--dataset", default=None,
+                   help=f"'demo', a .txt/.jsonl/.parquet file or a HF dataset "
+                   f"(default {DEFAULT_DATASET})")  # fmt: skip
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=16384, help="token budget of the error pass")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--output", type=Path, default=Path("qmetrics-layers"), metavar="DIR")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--context-length", args.context_length, 2),
+                             ("--batch-size", args.batch_size, 1),
+                             ("--max-tokens", args.max_tokens, 2),
+                             ("--ablate-tokens", args.ablate_tokens, 2)):  # fmt: skip
+        if value < low:
+            raise UsageError(f"{flag} must be ≥ {low}, got {value}")
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    """Load the models, run the layer analysis (and ablation), write and print the reports.
+    Returns 0; bad input raises (see the module docstring)."""
+    from qmetrics.layer_analysis import (
+        ablation_units,
+        analyze_layers,
+        run_ablation,
+        select_modules,
+        token_batches,
+    )
+    from qmetrics.layers_report import render_layer_tables, write_layer_reports
+    from qmetrics.models import load_pretrained, rtn_candidate
+    from qmetrics.rtn_quantize import QuantSpec
+
+    _check_args(args)
+    spec = QuantSpec.parse(args.quantize) if args.quantize else None
+    modules = args.modules or ["blocks"]
+    dataset = args.dataset or DEFAULT_DATASET
+    texts = iter_texts(dataset, text_field=args.text_field)
+    first = next(texts, None)  # a bad corpus fails before any model is loaded
+    if first is None:
+        raise CorpusError(f"the corpus is empty: {dataset} holds no documents")
+    texts = list(itertools.chain([first], texts))
+
+    _quiet_transformers()
+    load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    reference = load_pretrained(args.reference, **load)
+    candidate = (rtn_candidate(reference, spec) if spec is not None
+                 else load_pretrained(args.candidate, **load))  # fmt: skip
+    if candidate.name == reference.name:
+        candidate.name = f"{candidate.name}-candidate"
+    ids = tokenize_texts(texts, reference.tokenizer, max_tokens=args.max_tokens)
+    if candidate.tokenizer is not None:
+        other = tokenize_texts(texts, candidate.tokenizer, max_tokens=args.max_tokens)
+        check_same_tokens(ids, other, candidate.name)
+    batches = token_batches(ids, args.context_length, args.batch_size)
+    progress = not args.no_progress
+
+    errors = analyze_layers(reference, candidate, batches, modules=modules,
+                            input_matched=not args.no_input_matched, progress=progress)  # fmt: skip
+    ablation = None
+    if args.ablate:
+        names = select_modules(reference.model, modules)
+        units = ablation_units(names, by=args.ablate_by)
+        budget = token_batches(ids, args.context_length, args.batch_size, args.ablate_tokens)
+        ablation = run_ablation(
+            reference,
+            budget,
+            units,
+            spec=spec,
+            candidate=None if spec is not None else candidate,
+            top_k=args.top_k,
+            progress=progress,
+        )
+    report = {
+        "settings": {
+            "reference": reference.name,
+            "candidate": candidate.name,
+            "dataset": dataset,
+            "modules": modules,
+            "context_length": args.context_length,
+            "batch_size": args.batch_size,
+            "max_tokens": args.max_tokens,
+            "input_matched": not args.no_input_matched,
+            "ablate_by": args.ablate_by if args.ablate else None,
+            "ablate_tokens": args.ablate_tokens if args.ablate else None,
+        },
+        "errors": errors.to_dict(),
+        "ablation": None if ablation is None else ablation.to_dict(),
+    }
+    paths = write_layer_reports(report, args.output)
+    for table in render_layer_tables(report):
+        _print_table(table)
+    if errors.unmatched:
+        print(f"not in the candidate: {', '.join(errors.unmatched)}")
+    print(f"reports: {', '.join(str(p) for p in paths.values())}")
+    return 0
