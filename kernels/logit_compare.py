@@ -191,26 +191,29 @@ def _logit_compare_kernel(
     zero = tl.zeros([], f32)
     m_x = zero + _NEG_INF
     m_y = zero + _NEG_INF
-    s_xb = zero  # Σ w over positions where both logits are finite
-    s_xo = zero  # Σ w where only x is finite
-    s_yb = zero
-    s_yo = zero
-    h_x = zero
-    h_y = zero
     c_x = zero
     c_y = zero
     c_set = zero
-    u = zero
-    a = zero
-    b = zero
-    xy = zero
-    xx = zero
-    yy = zero
-    dd = zero
-    n_both = zero
-    n_bad = zero
-    n_fwd_inf = zero
-    n_rev_inf = zero
+    # Sums are kept per lane and reduced once after the loop: each tile then needs only the
+    # max/argmax reductions. Lane vectors of the rescaled sums are rescaled like scalars.
+    lane0 = tl.zeros([BLOCK_V], f32)
+    s_xb = lane0  # Σ w over positions where both logits are finite
+    s_xo = lane0  # Σ w where only x is finite
+    s_yb = lane0
+    s_yo = lane0
+    h_x = lane0
+    h_y = lane0
+    u = lane0
+    a = lane0
+    b = lane0
+    xy = lane0
+    xx = lane0
+    yy = lane0
+    dd = lane0
+    n_both = lane0
+    n_bad = lane0
+    n_fwd_inf = lane0
+    n_rev_inf = lane0
     ax_val = zero + _NEG_INF
     ay_val = zero + _NEG_INF
     x_at_ay = zero + _NEG_INF
@@ -226,7 +229,7 @@ def _logit_compare_kernel(
         # NaN and +inf are counted and then treated as masked (-inf) so the sums stay finite.
         bad_x = (x != x) | (x == _POS_INF)
         bad_y = (y != y) | (y == _POS_INF)
-        n_bad += tl.sum((bad_x | bad_y).to(f32), axis=0)
+        n_bad += (bad_x | bad_y).to(f32)
         x = tl.where(bad_x, _NEG_INF, x)
         y = tl.where(bad_y, _NEG_INF, y)
         fx = x > _NEG_INF
@@ -234,8 +237,8 @@ def _logit_compare_kernel(
         both = fx & fy
         only_x = fx & ~fy
         only_y = fy & ~fx
-        n_fwd_inf += tl.sum(only_x.to(f32), axis=0)
-        n_rev_inf += tl.sum(only_y.to(f32), axis=0)
+        n_fwd_inf += only_x.to(f32)
+        n_rev_inf += only_y.to(f32)
 
         tmx, tax = tl.max(x, axis=0, return_indices=True)
         tmy, tay = tl.max(y, axis=0, return_indices=True)
@@ -273,27 +276,44 @@ def _logit_compare_kernel(
         yf = tl.where(both, y, 0.0)
         t = tl.where(both, (yf - c_y) - (xf - c_x), 0.0)
         e = _expm1(t)
-        s_xb = alpha_x * s_xb + tl.sum(tl.where(both, w, 0.0), axis=0)
-        s_xo = alpha_x * s_xo + tl.sum(tl.where(only_x, w, 0.0), axis=0)
-        s_yb = alpha_y * s_yb + tl.sum(tl.where(both, v, 0.0), axis=0)
-        s_yo = alpha_y * s_yo + tl.sum(tl.where(only_y, v, 0.0), axis=0)
-        h_x += tl.sum(w * zx, axis=0)
-        h_y += tl.sum(v * zy, axis=0)
+        s_xb = alpha_x * s_xb + tl.where(both, w, 0.0)
+        s_xo = alpha_x * s_xo + tl.where(only_x, w, 0.0)
+        s_yb = alpha_y * s_yb + tl.where(both, v, 0.0)
+        s_yo = alpha_y * s_yo + tl.where(only_y, v, 0.0)
+        h_x += w * zx
+        h_y += v * zy
         # w·expm1(t) may overflow (inf) for logits ~90 apart; finalize then uses the lse form.
-        u = alpha_x * u + tl.sum(tl.where(w > 0, w * e, 0.0), axis=0)
-        a = alpha_x * a + tl.sum(w * t, axis=0)
-        b = alpha_y * b + tl.sum(v * t, axis=0)
+        u = alpha_x * u + tl.where(w > 0, w * e, 0.0)
+        a = alpha_x * a + w * t
+        b = alpha_y * b + v * t
 
         df = yf - xf
-        xy += tl.sum(xf * yf, axis=0)
-        xx += tl.sum(xf * xf, axis=0)
-        yy += tl.sum(yf * yf, axis=0)
-        dd += tl.sum(df * df, axis=0)
-        n_both += tl.sum(both.to(f32), axis=0)
+        xy += xf * yf
+        xx += xf * xf
+        yy += yf * yf
+        dd += df * df
+        n_both += both.to(f32)
 
-        top, kth = _kth_largest_insert(top, lanes_k, x, fx, lanes)
+        top, _ = _kth_largest_insert(top, lanes_k, x, fx, lanes)
 
     kth = tl.min(top, axis=0)
+    s_xb = tl.sum(s_xb, axis=0)
+    s_xo = tl.sum(s_xo, axis=0)
+    s_yb = tl.sum(s_yb, axis=0)
+    s_yo = tl.sum(s_yo, axis=0)
+    h_x = tl.sum(h_x, axis=0)
+    h_y = tl.sum(h_y, axis=0)
+    u = tl.sum(u, axis=0)
+    a = tl.sum(a, axis=0)
+    b = tl.sum(b, axis=0)
+    xy = tl.sum(xy, axis=0)
+    xx = tl.sum(xx, axis=0)
+    yy = tl.sum(yy, axis=0)
+    dd = tl.sum(dd, axis=0)
+    n_both = tl.sum(n_both, axis=0)
+    n_bad = tl.sum(n_bad, axis=0)
+    n_fwd_inf = tl.sum(n_fwd_inf, axis=0)
+    n_rev_inf = tl.sum(n_rev_inf, axis=0)
     if not WRITE_PARTIAL:
         _finalize(
             out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
