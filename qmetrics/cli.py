@@ -1,5 +1,6 @@
 """``qmetrics`` command line: ``compare`` (reference vs candidates over a corpus), ``demo``
-(the offline demo) and ``layers`` (per-layer error and sensitivity ablation).
+(the offline demo), ``layers`` (per-layer error and sensitivity ablation) and ``tasks``
+(lm-evaluation-harness tasks, compared item by item).
 
 Exit codes: 0 success, 1 a ``--fail-if`` threshold was broken, 2 bad input (a one-line error,
 never a traceback).
@@ -96,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         demo=True,
     )
     from qmetrics.layers_cli import add_layers_parser
+    from qmetrics.tasks_cli import add_tasks_parser
 
     add_layers_parser(sub)
+    add_tasks_parser(sub)
     return parser
 
 
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             from qmetrics.layers_cli import run_layers
 
             return run_layers(args)
+        if args.command == "tasks":
+            from qmetrics.tasks_cli import run_tasks
+
+            return run_tasks(args)
         return run_compare(args)
     except (UsageError, CorpusError, ValueError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,127 @@
+"""``qmetrics tasks``: downstream tasks through lm-evaluation-harness, compared item by item.
+
+    qmetrics tasks --reference M (--candidate M2 | --quantize SPEC) --tasks LIST
+                   [--num-fewshot K] [--limit N] [--output DIR] [--fail-if EXPR] ...
+
+Runs lm-eval on both models with the same settings (:mod:`qmetrics.task_runner`), compares
+them per item (:mod:`qmetrics.task_comparison`), prints the table, writes ``tasks.json`` and
+``tasks.md`` into ``--output`` and checks the gate (:mod:`qmetrics.task_gate`). Exit codes as
+``qmetrics compare``: 0, 1 when the gate is broken, 2 for bad input (including a missing
+lm-eval: the message says how to install it), raised as :class:`qmetrics.cli.UsageError` or
+``ValueError`` for ``qmetrics.cli.main`` to print on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from qmetrics.cli import UsageError, _print_table, _quiet_transformers
+from qmetrics.tasks import OFFLINE_TASKS
+
+
+def _limit(text: str) -> int | float:
+    """``--limit``: an item count, or a fraction of each task when below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``tasks`` command to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "tasks", help="downstream tasks (lm-evaluation-harness), paired per item, with p-values"
+    )
+    p.add_argument("--reference", required=True, help="HF model id or local path")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--candidate", metavar="M", help="quantized model to compare")
+    which.add_argument("--quantize", metavar="SPEC", help="round-to-nearest candidate, e.g. int4")
+    p.add_argument("--tasks", required=True, metavar="LIST",
+                   help="comma-separated lm-eval tasks/groups, e.g. hellaswag,arc_easy,mmlu; "
+                   f"offline: {','.join(OFFLINE_TASKS)}")  # fmt: skip
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="few-shot examples (default: each task's own)")  # fmt: skip
+    p.add_argument("--limit", type=_limit, default=None, metavar="N",
+                   help="items per task (a fraction when < 1)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1234, help="lm-eval's 4 seeds and the resampling")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per model call, also the rolling-perplexity window "
+                   "(default: from the model config)")  # fmt: skip
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="extra directory of lm-eval task YAMLs (repeatable)")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of a drop")
+    p.add_argument("--resamples", type=int, default=9999,
+                   help="bootstrap / permutation resamples")  # fmt: skip
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--output", type=Path, default=Path("qmetrics-tasks"), metavar="DIR")
+    p.add_argument("--fail-if", default=None, metavar="EXPR",
+                   help='rules, e.g. "acc_drop>0.02,p<0.05; drop>0.05" (clauses of a rule '
+                   "must all hold; rules are separated by ';')")  # fmt: skip
+    return p
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """Load both models, run and compare the tasks, write and print the reports, check the
+    gate. Returns the exit code; bad input raises (see the module docstring)."""
+    from qmetrics.task_gate import check_task_gate, parse_task_gate
+    from qmetrics.task_runner import TaskSettings, TasksUnavailableError, require_lm_eval
+
+    try:
+        require_lm_eval()
+    except TasksUnavailableError as exc:
+        raise UsageError(str(exc)) from None
+    rules = parse_task_gate(args.fail_if) if args.fail_if else []
+    if not 0.0 < args.alpha < 1.0:
+        raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.resamples < 1:
+        raise UsageError(f"--resamples must be ≥ 1, got {args.resamples}")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    settings = TaskSettings(
+        tasks=names,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_length=args.max_length,
+        include_paths=[str(p) for p in args.include_path],
+    )
+
+    from qmetrics.models import load_pretrained, rtn_candidate
+    from qmetrics.rtn_quantize import QuantSpec
+    from qmetrics.task_comparison import compare_runs
+    from qmetrics.task_runner import check_task_names, evaluate_tasks, task_manager
+    from qmetrics.tasks_report import build_tasks_report, render_task_table, write_task_reports
+
+    spec = QuantSpec.parse(args.quantize) if args.quantize else None
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    manager = task_manager(settings)
+    check_task_names(manager, names)  # before any model is loaded
+    _quiet_transformers()
+    load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    reference = load_pretrained(args.reference, **load)
+    candidate = (rtn_candidate(reference, spec) if spec is not None
+                 else load_pretrained(args.candidate, **load))  # fmt: skip
+    if candidate.name == reference.name:
+        candidate.name = f"{candidate.name}-candidate"
+    ref_run = evaluate_tasks(reference, settings, manager=manager)
+    cand_run = evaluate_tasks(candidate, settings, reference.tokenizer, manager=manager)
+    comparisons = compare_runs(ref_run, cand_run, alpha=args.alpha, n_resamples=args.resamples,
+                               seed=args.seed)  # fmt: skip
+    report = build_tasks_report(
+        settings, ref_run, cand_run, comparisons, alpha=args.alpha, n_resamples=args.resamples,
+        origins={m.name: m.origin for m in (reference, candidate)},
+    )  # fmt: skip
+    paths = write_task_reports(report, args.output)
+    _print_table(render_task_table(report))
+    print(f"reports: {', '.join(str(p) for p in paths.values())}")
+    violations = check_task_gate(rules, report)
+    for v in violations:
+        print(f"FAIL {v}")
+    return 1 if violations else 0

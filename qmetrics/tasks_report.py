@@ -1,0 +1,216 @@
+"""Reports of a downstream-task comparison: ``tasks.json``, ``tasks.md`` and the terminal table.
+
+Everything reads the report dict of :func:`build_tasks_report`: ``settings`` (the
+:class:`qmetrics.task_runner.TaskSettings` plus ``alpha`` and ``n_resamples``), ``reference``,
+``candidate``, ``models`` {name: {seconds, origin}}, ``comparisons`` (a list of
+:meth:`qmetrics.task_comparison.TaskComparison.to_dict`, per-item pairs included) and
+``environment``. :func:`markdown_section` is one self-contained section that a
+``qmetrics compare`` report can include.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qmetrics.report import NA, _json_safe, _key_value_section, _md_table, _num, fmt_pct, fmt_small
+from qmetrics.task_comparison import TaskComparison
+from qmetrics.task_runner import TaskRun, TaskSettings
+
+JSON_NAME = "tasks.json"
+MARKDOWN_NAME = "tasks.md"
+TEST_NAMES = {"mcnemar_exact": "McNemar", "paired_permutation": "permutation"}
+
+HOW_TO_READ = (
+    "## How to read the task table\n\nBoth models ran the same lm-evaluation-harness tasks with "
+    "the same settings; scores ± stderr are lm-eval's. *Δ* = candidate − reference, with a "
+    "paired percentile-bootstrap interval over the items both models answered. *p* is McNemar's "
+    "exact test on the items only one model got right for 0/1 metrics (acc, exact match), else "
+    "a paired sign-flip permutation test of the aggregated score. *W/L* (won/lost) count items on "
+    "which the candidate did better/worse; *agree* is how often both gave the same answer. "
+    "A row is flagged ▼ when the candidate is worse and p < alpha. Group rows (e.g. mmlu) test "
+    "the items of all their tasks pooled."
+)
+
+
+def build_tasks_report(
+    settings: TaskSettings,
+    reference: TaskRun,
+    candidate: TaskRun,
+    comparisons: Sequence[TaskComparison],
+    *,
+    alpha: float,
+    n_resamples: int,
+    origins: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The report dict (see the module docstring)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    origins = origins or {}
+    return {
+        "settings": {**settings.to_dict(), "alpha": alpha, "n_resamples": n_resamples},
+        "reference": reference.model,
+        "candidate": candidate.model,
+        "models": {
+            run.model: {"seconds": run.seconds, "origin": dict(origins.get(run.model, {}))}
+            for run in (reference, candidate)
+        },
+        "comparisons": [c.to_dict() for c in comparisons],
+        "environment": {p: pkg(p) for p in ("lm_eval", "transformers", "torch", "scipy")},
+    }
+
+
+# --- rows (shared by Markdown and the terminal) --------------------------------------------------
+
+
+def _score(x: float | None, err: float | None) -> str:
+    value = fmt_small(x)
+    return value if err is None or value == NA else f"{value} ± {fmt_small(err, like=x)}"
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value with 3 significant digits (below 1e-4 as "<1e-4")."""
+    if p is None or math.isnan(p):
+        return NA
+    return "<1e-4" if p < 1e-4 else f"{p:.3g}"
+
+
+def _delta(metric: Mapping[str, Any]) -> str:
+    text = fmt_small(_num(metric.get("delta")), signed=True)
+    test = metric.get("test") or {}
+    lo, hi = _num(test.get("ci_low")), _num(test.get("ci_high"))
+    if lo is None or hi is None or text == NA:
+        return text
+    like = _num(metric.get("delta"))
+    low, high = (fmt_small(x, signed=True, like=like) for x in (lo, hi))
+    return f"{text} [{low}, {high}]"
+
+
+def _task_label(cmp: Mapping[str, Any]) -> str:
+    name = str(cmp.get("task"))
+    if cmp.get("is_group"):
+        name += " (group)"
+    filt = cmp.get("filter")
+    return name if filt in (None, "none") else f"{name} [{filt}]"
+
+
+def task_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and one row per (task, filter, metric)."""
+    headers = ["task", "metric", "n", "reference", "candidate", "Δ [CI]", "p (test)", "W/L",
+               "agree", "flag"]  # fmt: skip
+    rows = []
+    for cmp in report.get("comparisons") or []:
+        agree = _num(cmp.get("agreement"))
+        for m in cmp.get("metrics") or []:
+            test = m.get("test") or {}
+            p = fmt_p(_num(test.get("p_value")))
+            if test.get("method"):
+                p += f" ({TEST_NAMES.get(test['method'], test['method'])})"
+            won_lost = NA if m.get("won") is None else f"{m['won']}/{m['lost']}"
+            rows.append([
+                _task_label(cmp),
+                m["metric"] + ("" if m.get("higher_is_better", True) else " ↓"),
+                str(m.get("n_paired", 0)),
+                _score(_num(m.get("reference")), _num(m.get("reference_stderr"))),
+                _score(_num(m.get("candidate")), _num(m.get("candidate_stderr"))),
+                _delta(m),
+                p,
+                won_lost,
+                NA if agree is None else fmt_pct(agree),
+                "▼" if m.get("significant_drop") else "",
+            ])  # fmt: skip
+    return headers, rows
+
+
+def significant_drops(report: Mapping[str, Any]) -> list[str]:
+    """One line per flagged drop, e.g. ``"hellaswag acc: -0.0412 (p = 0.0031)"``."""
+    out = []
+    for cmp in report.get("comparisons") or []:
+        for m in cmp.get("metrics") or []:
+            if m.get("significant_drop"):
+                p = fmt_p(_num((m.get("test") or {}).get("p_value")))
+                delta = fmt_small(_num(m.get("delta")), signed=True)
+                out.append(f"{_task_label(cmp)} {m['metric']}: {delta} (p = {p})")
+    return out
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def markdown_section(report: Mapping[str, Any]) -> str:
+    """One Markdown section (``## Downstream tasks``): models, settings in one line, the task
+    table and the list of significant drops."""
+    s = report.get("settings") or {}
+    headers, rows = task_rows(report)
+    lines = [
+        "## Downstream tasks (lm-evaluation-harness)",
+        "",
+        f"`{report.get('candidate', NA)}` vs `{report.get('reference', NA)}`; few-shot "
+        f"{s.get('num_fewshot') if s.get('num_fewshot') is not None else 'task default'}, "
+        f"limit {s.get('limit') if s.get('limit') is not None else 'none'}, seed {s.get('seed')}, "
+        f"alpha {s.get('alpha')}. ↓: lower is better; ▼: significant drop.",
+        "",
+        _md_table(headers, rows, align="llrrrrrrrl") if rows else "No task results.",
+    ]
+    drops = significant_drops(report)
+    lines += ["", "Significant drops: " + ("; ".join(drops) if drops else "none") + "."]
+    return "\n".join(lines)
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """The whole ``tasks.md``: title, :func:`markdown_section`, how to read it, settings and
+    environment."""
+    sections = [
+        "# qmetrics tasks report",
+        markdown_section(report),
+        HOW_TO_READ,
+        _key_value_section("Settings", report.get("settings")),
+        _key_value_section("Environment", report.get("environment")),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+# --- files and terminal -------------------------------------------------------------------------
+
+
+def write_task_reports(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``tasks.json`` and ``tasks.md`` into ``out_dir`` (created if needed); returns the
+    paths keyed "json" and "markdown"."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}
+    paths["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown_report(report), encoding="utf-8")
+    return paths
+
+
+def render_task_table(report: Mapping[str, Any]) -> Any:
+    """The task table as a rich Table, or as plain text without rich."""
+    headers, rows = task_rows(report)
+    title = f"tasks: {report.get('candidate', NA)} vs {report.get('reference', NA)}"
+    try:
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+        def line(cells: Sequence[str]) -> str:
+            cols = enumerate(zip(cells, widths, strict=True))
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in cols).rstrip()
+
+        return "\n".join([title, line(headers), "  ".join("-" * w for w in widths),
+                          *(line(r) for r in rows)])  # fmt: skip
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row, style="bold red" if row[-1] else None)
+    return table
