@@ -4,17 +4,19 @@
 
 A tiny Llama with a large vocabulary runs one batch through :class:`QuantizationEvaluator`
 (reference vs an int8 RTN copy, logits made 256 positions at a time) in a fresh subprocess;
-the growth of its peak RSS is compared with the size of one [batch, window, V] fp32 logit tensor
-(what a plain ``model(ids).logits`` pass would hold, before any log-softmax copies).
+the growth of its peak RSS (VmHWM) is compared with the size of one [batch, window, V] fp32
+logit tensor (what a plain ``model(ids).logits`` pass would hold, before any log-softmax
+copies).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+
+from benchmarks.harness import _peak_rss_kib, _reset_peak_rss_kib
 
 
 def _child(vocab: int, window: int, batch: int, chunk: int) -> dict:
@@ -37,11 +39,10 @@ def _child(vocab: int, window: int, batch: int, chunk: int) -> dict:
                                logit_chunk_tokens=chunk, progress=False)  # fmt: skip
     # warm up the code paths on a short corpus, then measure one full batch
     ev.evaluate(ids[: 2 * 64])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak_rss_kib()
     result = ev.evaluate(ids)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "peak_growth_mb": (after - before) / 1024,
+        "peak_growth_mb": (_peak_rss_kib() - before) / 1024,
         "tokens_scored": result.comparisons[cand.name].tokens_scored,
     }
 

@@ -2,8 +2,8 @@
 
 Timing on CUDA uses ``triton.testing.do_bench`` (median with 20th/80th percentiles); on the
 CPU, repeated ``time.perf_counter`` runs summarised the same way. Peak extra memory is the
-CUDA allocator's peak above what the inputs hold, or on the CPU the growth of the peak RSS of a
-fresh subprocess that builds the inputs and then runs the provider once.
+CUDA allocator's peak above what the inputs hold, or on the CPU the growth of the peak RSS
+(VmHWM, reset after the inputs are built) of a fresh subprocess running the provider once.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def make_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference logits, a perturbed "quantized" copy (KL ~ 1e-2) and next-token labels."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    ref = torch.randn(n, vocab, device=device, generator=gen, dtype=torch.float32) * 3
-    quant = ref + 0.1 * torch.randn(n, vocab, device=device, generator=gen)
+    # built in place, so that no temporary raises the process's peak memory above the inputs
+    ref = torch.empty(n, vocab, device=device, dtype=dtype).normal_(0.0, 3.0, generator=gen)
+    quant = torch.empty_like(ref).normal_(0.0, 0.1, generator=gen).add_(ref)
     labels = torch.randint(0, vocab, (n,), device=device, generator=gen)
-    return ref.to(dtype), quant.to(dtype), labels
+    return ref, quant, labels
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -99,10 +100,37 @@ def _cpu_memory_child(provider: str, n: int, vocab: int, dtype: str) -> float:
     if provider == "naive_compile":
         small = make_inputs(8, vocab, getattr(torch, dtype), "cpu")
         fn(*small)  # compile outside the measured peak
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak_rss_kib()
     fn(ref, quant, labels)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+    return (_peak_rss_kib() - before) / 1024
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss_kib() -> int:
+    """Reset the peak-RSS mark (Linux /proc/self/clear_refs) and return the current RSS in KiB.
+
+    ``ru_maxrss`` cannot be used: a child started by a large parent inherits its mark."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status_kib("VmRSS") or 0
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss_kib() -> int:
+    peak = _status_kib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
