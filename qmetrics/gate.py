@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qmetrics.report import as_number
+
 #: A candidate's view of the report: its comparison dict (``LogitStatsResult.to_dict()``) and
 #: its model dict (``{perplexity, figures, origin}``; empty when absent).
 Extractor = Callable[[Mapping[str, Any], Mapping[str, Any]], Any]
@@ -42,19 +44,6 @@ class GateMetric:
     extract: Extractor
 
 
-def _number(x: Any) -> float | None:
-    """A report value as a float: None / NaN / non-numbers → None, "inf" / "-inf" → ±inf."""
-    if isinstance(x, bool) or x is None:
-        return None
-    if isinstance(x, str):
-        return {"inf": math.inf, "-inf": -math.inf}.get(x)
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
-
-
 def _dig(d: Any, *keys: str) -> Any:
     """``d[k0][k1]...``, or None when any level is missing or not a mapping."""
     for key in keys:
@@ -66,23 +55,23 @@ def _dig(d: Any, *keys: str) -> Any:
 
 def _path(*keys: str) -> Extractor:
     """Extractor of the number at ``comparison[keys[0]][keys[1]]...``."""
-    return lambda cmp, model: _number(_dig(cmp, *keys))
+    return lambda cmp, model: as_number(_dig(cmp, *keys))
 
 
 def _ppl_delta_pct(cmp: Mapping[str, Any], model: Mapping[str, Any]) -> float | None:
-    ratio = _number(_dig(cmp, "perplexity", "ppl_ratio", "value"))
+    ratio = as_number(_dig(cmp, "perplexity", "ppl_ratio", "value"))
     return None if ratio is None else 100.0 * (ratio - 1.0)
 
 
 def _ppl(cmp: Mapping[str, Any], model: Mapping[str, Any]) -> float | None:
-    value = _number(_dig(cmp, "perplexity", "ppl_quant", "value"))
-    return value if value is not None else _number(_dig(model, "perplexity", "value"))
+    value = as_number(_dig(cmp, "perplexity", "ppl_quant", "value"))
+    return value if value is not None else as_number(_dig(model, "perplexity", "value"))
 
 
 def _nonfinite_frac(cmp: Mapping[str, Any], model: Mapping[str, Any]) -> float | None:
     """Non-finite rows over the rows that were not ignored (scored + non-finite)."""
-    bad = _number(_dig(cmp, "counts", "nonfinite"))
-    scored = _number(_dig(cmp, "counts", "scored"))
+    bad = as_number(_dig(cmp, "counts", "nonfinite"))
+    scored = as_number(_dig(cmp, "counts", "scored"))
     if bad is None or scored is None or bad + scored <= 0:
         return None
     return bad / (bad + scored)

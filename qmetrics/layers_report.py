@@ -21,7 +21,7 @@ from qmetrics.report import (
     NA,
     PlotUnavailableError,
     _json_safe,
-    _num,
+    as_number,
     fmt_count,
     fmt_pct,
     fmt_small,
@@ -33,7 +33,7 @@ PLOT_NAME = "layers.png"
 
 def _snr(layer: Mapping[str, Any], kind: str) -> float | None:
     part = layer.get(kind)
-    return None if part is None else _num(part.get("snr_db"))
+    return None if part is None else as_number(part.get("snr_db"))
 
 
 def ranked_layers(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -67,33 +67,36 @@ def _error_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for i, layer in enumerate(layers, 1):
         p = layer["propagated"]
-        row = [str(i), layer["name"], fmt_db(_num(p.get("snr_db"))),
-               fmt_small(_num(p.get("rel_error"))),
-               fmt_small(_num((p.get("cosine") or {}).get("value"))),
-               fmt_small(_num(p.get("max_abs_error"))),
+        row = [str(i), layer["name"], fmt_db(as_number(p.get("snr_db"))),
+               fmt_small(as_number(p.get("rel_error"))),
+               fmt_small(as_number((p.get("cosine") or {}).get("value"))),
+               fmt_small(as_number(p.get("max_abs_error"))),
                fmt_count(p.get("nonfinite_values"))]  # fmt: skip
         if local:
             q = layer["local"]
-            row[6:6] = [fmt_db(_num(q.get("snr_db"))), fmt_small(_num(q.get("rel_error")))]
+            row[6:6] = [
+                fmt_db(as_number(q.get("snr_db"))),
+                fmt_small(as_number(q.get("rel_error"))),
+            ]
         rows.append(row)
     return headers, rows
 
 
 def _ablation_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     abl = report.get("ablation") or {}
-    total = sum(_num(u["kl"]["value"]) or 0.0 for u in abl.get("units") or [])
+    total = sum(as_number(u["kl"]["value"]) or 0.0 for u in abl.get("units") or [])
     headers = ["#", "unit", "mean KL", "share of Σ KL", "top-1"]
     rows = []
     for u in abl.get("units") or []:
-        kl = _num(u["kl"]["value"])
+        kl = as_number(u["kl"]["value"])
         share = kl / total if kl is not None and total > 0 else None
         rows.append([str(u["rank"]), u["name"], fmt_small(kl), fmt_pct(share),
-                     fmt_pct(_num(u["top1"]["value"]))])  # fmt: skip
+                     fmt_pct(as_number(u["top1"]["value"]))])  # fmt: skip
     joint = abl.get("joint")
     if joint:
-        rows.append(["", f"{joint['name']} (all units)", fmt_small(_num(joint["kl"]["value"])),
-                     f"Σ/joint = {fmt_small(_num(abl.get('additivity')))}",
-                     fmt_pct(_num(joint["top1"]["value"]))])  # fmt: skip
+        rows.append(["", f"{joint['name']} (all units)", fmt_small(as_number(joint["kl"]["value"])),
+                     f"Σ/joint = {fmt_small(as_number(abl.get('additivity')))}",
+                     fmt_pct(as_number(joint["top1"]["value"]))])  # fmt: skip
     return headers, rows
 
 
@@ -175,7 +178,7 @@ def plot_layers(report: Mapping[str, Any], path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if abl:
         units = abl.get("units") or []
-        kls = [_num(u["kl"]["value"]) or 0.0 for u in units]
+        kls = [as_number(u["kl"]["value"]) or 0.0 for u in units]
         total = sum(kls)
         ax2 = fig.add_subplot(panels, 1, 2)
         ax2.bar(range(len(units)), [k / total if total > 0 else 0.0 for k in kls])

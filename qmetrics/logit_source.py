@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from qmetrics.models import module_device
+
 
 class LogitSource:
     """Runs one model on token windows and yields logits over position chunks."""
@@ -31,10 +33,7 @@ class LogitSource:
 
     @property
     def device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        return module_device(self.model)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)

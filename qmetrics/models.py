@@ -29,10 +29,15 @@ class ModelEntry:
     @property
     def device(self) -> torch.device:
         """Device of the model's first parameter (the inputs go there)."""
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        return module_device(self.model)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Device of a module's first parameter; the CPU for a module without parameters."""
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
 
 
 def resolve_device(device: str | None) -> str:

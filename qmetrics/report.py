@@ -44,7 +44,7 @@ def _dig(d: Any, *keys: str) -> Any:
     return d
 
 
-def _num(x: Any) -> float | None:
+def as_number(x: Any) -> float | None:
     """A report value as a float: "inf" / "-inf" → ±inf, None / NaN / non-numbers → None."""
     if x is None or isinstance(x, bool):
         return None
@@ -59,7 +59,7 @@ def _num(x: Any) -> float | None:
 
 def _est(d: Any) -> tuple[float | None, float | None]:
     """(value, stderr) of an ``{value, stderr}`` dict; (None, None) when absent."""
-    return _num(_dig(d, "value")), _num(_dig(d, "stderr"))
+    return as_number(_dig(d, "value")), as_number(_dig(d, "stderr"))
 
 
 def _candidates(report: Mapping[str, Any]) -> list[str]:
@@ -85,8 +85,8 @@ def _ppl_delta_pct(report: Mapping[str, Any], name: str) -> tuple[float | None, 
     ratio, err = _est(_dig(report, "comparisons", name, "perplexity", "ppl_ratio"))
     if ratio is not None:
         return 100.0 * (ratio - 1.0), None if err is None else 100.0 * err
-    ref = _num(_dig(report, "models", report.get("reference"), "perplexity", "value"))
-    cand = _num(_dig(report, "models", name, "perplexity", "value"))
+    ref = as_number(_dig(report, "models", report.get("reference"), "perplexity", "value"))
+    cand = as_number(_dig(report, "models", name, "perplexity", "value"))
     if ref and cand is not None and math.isfinite(ref):
         return 100.0 * (cand / ref - 1.0), None
     return None, None
@@ -172,7 +172,7 @@ def fmt_memory(mb: float | None) -> str:
 
 def fmt_count(x: Any) -> str:
     """An integer count with thousands separators."""
-    v = _num(x)
+    v = as_number(x)
     if (s := _special(v)) is not None:
         return s
     assert v is not None
@@ -215,8 +215,8 @@ def _model_row(report: Mapping[str, Any], name: str) -> dict[str, str]:
         "model": name,
         "ppl": fmt_pm(fmt_ppl(ppl), None if ppl_err is None else fmt_ppl(ppl_err)),
         "delta": delta,
-        "rate": fmt_rate(_num(_dig(model, "figures", "tokens_per_second"))),
-        "memory": fmt_memory(_num(_dig(model, "figures", "peak_memory_mb"))),
+        "rate": fmt_rate(as_number(_dig(model, "figures", "tokens_per_second"))),
+        "memory": fmt_memory(as_number(_dig(model, "figures", "peak_memory_mb"))),
     }
 
 
@@ -227,15 +227,15 @@ def _candidate_row(report: Mapping[str, Any], name: str) -> dict[str, str]:
     tk, tk_err = _est(_dig(cmp, "agreement", "topk"))
     rms, _ = _est(_dig(cmp, "rms_delta_p"))
     ln, ln_err = _est(_dig(cmp, "perplexity", "ln_ppl_ratio"))
-    bad = _num(_dig(cmp, "counts", "nonfinite"))
-    scored = _num(_dig(cmp, "counts", "scored"))
+    bad = as_number(_dig(cmp, "counts", "nonfinite"))
+    scored = as_number(_dig(cmp, "counts", "scored"))
     nonfinite = fmt_count(bad)
     if bad and scored is not None:
         nonfinite += f" ({fmt_pct(bad / (bad + scored))})"
     return {
         "model": name,
         "kl": _small_pm(kl, kl_err),
-        "kl_p99": fmt_small(_num(_dig(cmp, "kl_distribution", "percentiles", "99"))),
+        "kl_p99": fmt_small(as_number(_dig(cmp, "kl_distribution", "percentiles", "99"))),
         "top1": fmt_pm(fmt_pct(t1), None if t1_err is None else fmt_pct(t1_err)),
         "topk": fmt_pm(fmt_pct(tk), None if tk_err is None else fmt_pct(tk_err)),
         "rms_dp": fmt_pct(rms),
@@ -329,7 +329,7 @@ def _kl_percentiles_section(report: Mapping[str, Any]) -> str | None:
     rows = []
     for name in cands:
         dist = _dig(report, "comparisons", name, "kl_distribution")
-        rows.append([name, *(fmt_small(_num(_dig(dist, *keys))) for _, keys in KL_COLUMNS)])
+        rows.append([name, *(fmt_small(as_number(_dig(dist, *keys))) for _, keys in KL_COLUMNS)])
     table = _md_table(["Candidate", *(label for label, _ in KL_COLUMNS)], rows)
     return "## Per-token KL percentiles (nats)\n\n" + table
 
@@ -393,7 +393,9 @@ def plot_kl_cdf(report: Mapping[str, Any], path: str | Path) -> Path:
     a PNG. Raises :class:`PlotUnavailableError` without matplotlib or without quantiles."""
     curves: dict[str, list[float]] = {}
     for name, values in (report.get("kl_quantiles") or {}).items():
-        clean = [v for v in (_num(x) for x in values or []) if v is not None and math.isfinite(v)]
+        clean = [
+            v for v in (as_number(x) for x in values or []) if v is not None and math.isfinite(v)
+        ]
         if len(clean) >= 2:
             curves[name] = clean
     if not curves:
@@ -415,7 +417,7 @@ def plot_kl_cdf(report: Mapping[str, Any], path: str | Path) -> Path:
         n = len(vals)
         levels = [i / (n - 1) for i in range(n)]
         xs = [max(v, floor) for v in vals]
-        mean = _num(_dig(report, "comparisons", name, "means", "kl", "value"))
+        mean = as_number(_dig(report, "comparisons", name, "means", "kl", "value"))
         label = name if mean is None else f"{name} (mean {fmt_small(mean)})"
         (line,) = ax.plot(xs, levels, label=label, linewidth=1.6)
         if mean is not None and mean > 0:

@@ -16,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qmetrics.report import NA, _json_safe, _key_value_section, _md_table, _num, fmt_pct, fmt_small
+from qmetrics.report import (
+    NA,
+    _json_safe,
+    _key_value_section,
+    _md_table,
+    as_number,
+    fmt_pct,
+    fmt_small,
+)
 from qmetrics.task_comparison import TaskComparison
 from qmetrics.task_runner import TaskRun, TaskSettings
 
@@ -85,12 +93,12 @@ def fmt_p(p: float | None) -> str:
 
 
 def _delta(metric: Mapping[str, Any]) -> str:
-    text = fmt_small(_num(metric.get("delta")), signed=True)
+    text = fmt_small(as_number(metric.get("delta")), signed=True)
     test = metric.get("test") or {}
-    lo, hi = _num(test.get("ci_low")), _num(test.get("ci_high"))
+    lo, hi = as_number(test.get("ci_low")), as_number(test.get("ci_high"))
     if lo is None or hi is None or text == NA:
         return text
-    like = _num(metric.get("delta"))
+    like = as_number(metric.get("delta"))
     low, high = (fmt_small(x, signed=True, like=like) for x in (lo, hi))
     return f"{text} [{low}, {high}]"
 
@@ -109,10 +117,10 @@ def task_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
                "agree", "flag"]  # fmt: skip
     rows = []
     for cmp in report.get("comparisons") or []:
-        agree = _num(cmp.get("agreement"))
+        agree = as_number(cmp.get("agreement"))
         for m in cmp.get("metrics") or []:
             test = m.get("test") or {}
-            p = fmt_p(_num(test.get("p_value")))
+            p = fmt_p(as_number(test.get("p_value")))
             if test.get("method"):
                 p += f" ({TEST_NAMES.get(test['method'], test['method'])})"
             won_lost = NA if m.get("won") is None else f"{m['won']}/{m['lost']}"
@@ -120,8 +128,8 @@ def task_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _task_label(cmp),
                 m["metric"] + ("" if m.get("higher_is_better", True) else " ↓"),
                 str(m.get("n_paired", 0)),
-                _score(_num(m.get("reference")), _num(m.get("reference_stderr"))),
-                _score(_num(m.get("candidate")), _num(m.get("candidate_stderr"))),
+                _score(as_number(m.get("reference")), as_number(m.get("reference_stderr"))),
+                _score(as_number(m.get("candidate")), as_number(m.get("candidate_stderr"))),
                 _delta(m),
                 p,
                 won_lost,
@@ -137,8 +145,8 @@ def significant_drops(report: Mapping[str, Any]) -> list[str]:
     for cmp in report.get("comparisons") or []:
         for m in cmp.get("metrics") or []:
             if m.get("significant_drop"):
-                p = fmt_p(_num((m.get("test") or {}).get("p_value")))
-                delta = fmt_small(_num(m.get("delta")), signed=True)
+                p = fmt_p(as_number((m.get("test") or {}).get("p_value")))
+                delta = fmt_small(as_number(m.get("delta")), signed=True)
                 out.append(f"{_task_label(cmp)} {m['metric']}: {delta} (p = {p})")
     return out
 
