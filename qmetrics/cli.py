@@ -179,9 +179,13 @@ def run_compare(args: argparse.Namespace) -> int:
     report = result.to_dict()
     report["settings"]["dataset"] = dataset
     paths = write_reports(report, args.output)
-    _print_table(render_terminal_table(report))
+    return finish_run(render_terminal_table(report), paths, check_gate(thresholds, report))
+
+
+def finish_run(table, paths: dict, violations: list[str]) -> int:
+    """Print the table, where the reports went and each broken threshold; the exit code."""
+    _print_table(table)
     print(f"reports: {', '.join(str(p) for p in paths.values())}")
-    violations = check_gate(thresholds, report)
     for v in violations:
         print(f"FAIL {v}")
     return 1 if violations else 0

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qmetrics.report import as_number
+from qmetrics.report import as_number, dig
 
 #: A candidate's view of the report: its comparison dict (``LogitStatsResult.to_dict()``) and
 #: its model dict (``{perplexity, figures, origin}``; empty when absent).
@@ -44,34 +44,25 @@ class GateMetric:
     extract: Extractor
 
 
-def _dig(d: Any, *keys: str) -> Any:
-    """``d[k0][k1]...``, or None when any level is missing or not a mapping."""
-    for key in keys:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(key)
-    return d
-
-
 def _path(*keys: str) -> Extractor:
     """Extractor of the number at ``comparison[keys[0]][keys[1]]...``."""
-    return lambda cmp, model: as_number(_dig(cmp, *keys))
+    return lambda cmp, model: as_number(dig(cmp, *keys))
 
 
 def _ppl_delta_pct(cmp: Mapping[str, Any], model: Mapping[str, Any]) -> float | None:
-    ratio = as_number(_dig(cmp, "perplexity", "ppl_ratio", "value"))
+    ratio = as_number(dig(cmp, "perplexity", "ppl_ratio", "value"))
     return None if ratio is None else 100.0 * (ratio - 1.0)
 
 
 def _ppl(cmp: Mapping[str, Any], model: Mapping[str, Any]) -> float | None:
-    value = as_number(_dig(cmp, "perplexity", "ppl_quant", "value"))
-    return value if value is not None else as_number(_dig(model, "perplexity", "value"))
+    value = as_number(dig(cmp, "perplexity", "ppl_quant", "value"))
+    return value if value is not None else as_number(dig(model, "perplexity", "value"))
 
 
 def _nonfinite_frac(cmp: Mapping[str, Any], model: Mapping[str, Any]) -> float | None:
     """Non-finite rows over the rows that were not ignored (scored + non-finite)."""
-    bad = as_number(_dig(cmp, "counts", "nonfinite"))
-    scored = as_number(_dig(cmp, "counts", "scored"))
+    bad = as_number(dig(cmp, "counts", "nonfinite"))
+    scored = as_number(dig(cmp, "counts", "scored"))
     if bad is None or scored is None or bad + scored <= 0:
         return None
     return bad / (bad + scored)
@@ -199,8 +190,8 @@ def metric_value(report: Mapping[str, Any], candidate: str, metric: str) -> floa
     """The value of ``metric`` for ``candidate`` in a report dict (None when not available)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; {_known()}")
-    cmp = _dig(report, "comparisons", candidate)
-    model = _dig(report, "models", candidate)
+    cmp = dig(report, "comparisons", candidate)
+    model = dig(report, "models", candidate)
     return METRICS[metric].extract(
         cmp if isinstance(cmp, Mapping) else {}, model if isinstance(model, Mapping) else {}
     )

@@ -36,7 +36,8 @@ class PlotUnavailableError(RuntimeError):
 # --- reading the report -----------------------------------------------------------------------
 
 
-def _dig(d: Any, *keys: str) -> Any:
+def dig(d: Any, *keys: str) -> Any:
+    """``d[k0][k1]...``, or None when any level is missing or not a mapping."""
     for key in keys:
         if not isinstance(d, Mapping):
             return None
@@ -59,7 +60,7 @@ def as_number(x: Any) -> float | None:
 
 def _est(d: Any) -> tuple[float | None, float | None]:
     """(value, stderr) of an ``{value, stderr}`` dict; (None, None) when absent."""
-    return as_number(_dig(d, "value")), as_number(_dig(d, "stderr"))
+    return as_number(dig(d, "value")), as_number(dig(d, "stderr"))
 
 
 def _candidates(report: Mapping[str, Any]) -> list[str]:
@@ -74,19 +75,19 @@ def _model_names(report: Mapping[str, Any]) -> list[str]:
 
 def _top_k(report: Mapping[str, Any]) -> int | None:
     for cmp in (report.get("comparisons") or {}).values():
-        if _dig(cmp, "top_k") is not None:
+        if dig(cmp, "top_k") is not None:
             return int(cmp["top_k"])
-    k = _dig(report, "settings", "top_k")
+    k = dig(report, "settings", "top_k")
     return int(k) if k is not None else None
 
 
 def _ppl_delta_pct(report: Mapping[str, Any], name: str) -> tuple[float | None, float | None]:
     """100·(PPL ratio − 1) ± its stderr, paired from the comparison; else from the two PPLs."""
-    ratio, err = _est(_dig(report, "comparisons", name, "perplexity", "ppl_ratio"))
+    ratio, err = _est(dig(report, "comparisons", name, "perplexity", "ppl_ratio"))
     if ratio is not None:
         return 100.0 * (ratio - 1.0), None if err is None else 100.0 * err
-    ref = as_number(_dig(report, "models", report.get("reference"), "perplexity", "value"))
-    cand = as_number(_dig(report, "models", name, "perplexity", "value"))
+    ref = as_number(dig(report, "models", report.get("reference"), "perplexity", "value"))
+    cand = as_number(dig(report, "models", name, "perplexity", "value"))
     if ref and cand is not None and math.isfinite(ref):
         return 100.0 * (cand / ref - 1.0), None
     return None, None
@@ -200,11 +201,11 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str 
 
 def _model_row(report: Mapping[str, Any], name: str) -> dict[str, str]:
     ref = report.get("reference")
-    model = _dig(report, "models", name) or {}
-    ppl, ppl_err = _est(_dig(model, "perplexity"))
+    model = dig(report, "models", name) or {}
+    ppl, ppl_err = _est(dig(model, "perplexity"))
     if ppl is None:  # e.g. a models entry without perplexity: use the comparison's
         key = "ppl_ref" if name == ref else "ppl_quant"
-        ppl, ppl_err = _est(_dig(report, "comparisons", name, "perplexity", key))
+        ppl, ppl_err = _est(dig(report, "comparisons", name, "perplexity", key))
     if name == ref:
         delta = "(reference)"
     else:
@@ -215,27 +216,27 @@ def _model_row(report: Mapping[str, Any], name: str) -> dict[str, str]:
         "model": name,
         "ppl": fmt_pm(fmt_ppl(ppl), None if ppl_err is None else fmt_ppl(ppl_err)),
         "delta": delta,
-        "rate": fmt_rate(as_number(_dig(model, "figures", "tokens_per_second"))),
-        "memory": fmt_memory(as_number(_dig(model, "figures", "peak_memory_mb"))),
+        "rate": fmt_rate(as_number(dig(model, "figures", "tokens_per_second"))),
+        "memory": fmt_memory(as_number(dig(model, "figures", "peak_memory_mb"))),
     }
 
 
 def _candidate_row(report: Mapping[str, Any], name: str) -> dict[str, str]:
-    cmp = _dig(report, "comparisons", name) or {}
-    kl, kl_err = _est(_dig(cmp, "means", "kl"))
-    t1, t1_err = _est(_dig(cmp, "agreement", "top1"))
-    tk, tk_err = _est(_dig(cmp, "agreement", "topk"))
-    rms, _ = _est(_dig(cmp, "rms_delta_p"))
-    ln, ln_err = _est(_dig(cmp, "perplexity", "ln_ppl_ratio"))
-    bad = as_number(_dig(cmp, "counts", "nonfinite"))
-    scored = as_number(_dig(cmp, "counts", "scored"))
+    cmp = dig(report, "comparisons", name) or {}
+    kl, kl_err = _est(dig(cmp, "means", "kl"))
+    t1, t1_err = _est(dig(cmp, "agreement", "top1"))
+    tk, tk_err = _est(dig(cmp, "agreement", "topk"))
+    rms, _ = _est(dig(cmp, "rms_delta_p"))
+    ln, ln_err = _est(dig(cmp, "perplexity", "ln_ppl_ratio"))
+    bad = as_number(dig(cmp, "counts", "nonfinite"))
+    scored = as_number(dig(cmp, "counts", "scored"))
     nonfinite = fmt_count(bad)
     if bad and scored is not None:
         nonfinite += f" ({fmt_pct(bad / (bad + scored))})"
     return {
         "model": name,
         "kl": _small_pm(kl, kl_err),
-        "kl_p99": fmt_small(as_number(_dig(cmp, "kl_distribution", "percentiles", "99"))),
+        "kl_p99": fmt_small(as_number(dig(cmp, "kl_distribution", "percentiles", "99"))),
         "top1": fmt_pm(fmt_pct(t1), None if t1_err is None else fmt_pct(t1_err)),
         "topk": fmt_pm(fmt_pct(tk), None if tk_err is None else fmt_pct(tk_err)),
         "rms_dp": fmt_pct(rms),
@@ -278,7 +279,7 @@ def _overview_section(report: Mapping[str, Any]) -> str:
     lines = ["# qmetrics report", ""]
     lines.append(f"- Reference: `{report.get('reference', NA)}`")
     lines.append("- Candidates: " + (", ".join(f"`{c}`" for c in cands) if cands else "none"))
-    dataset = _dig(report, "settings", "dataset")
+    dataset = dig(report, "settings", "dataset")
     if dataset is not None:
         lines.append(f"- Dataset: `{dataset}`")
     lines.append(
@@ -328,8 +329,8 @@ def _kl_percentiles_section(report: Mapping[str, Any]) -> str | None:
         return None
     rows = []
     for name in cands:
-        dist = _dig(report, "comparisons", name, "kl_distribution")
-        rows.append([name, *(fmt_small(as_number(_dig(dist, *keys))) for _, keys in KL_COLUMNS)])
+        dist = dig(report, "comparisons", name, "kl_distribution")
+        rows.append([name, *(fmt_small(as_number(dig(dist, *keys))) for _, keys in KL_COLUMNS)])
     table = _md_table(["Candidate", *(label for label, _ in KL_COLUMNS)], rows)
     return "## Per-token KL percentiles (nats)\n\n" + table
 
@@ -417,7 +418,7 @@ def plot_kl_cdf(report: Mapping[str, Any], path: str | Path) -> Path:
         n = len(vals)
         levels = [i / (n - 1) for i in range(n)]
         xs = [max(v, floor) for v in vals]
-        mean = as_number(_dig(report, "comparisons", name, "means", "kl", "value"))
+        mean = as_number(dig(report, "comparisons", name, "means", "kl", "value"))
         label = name if mean is None else f"{name} (mean {fmt_small(mean)})"
         (line,) = ax.plot(xs, levels, label=label, linewidth=1.6)
         if mean is not None and mean > 0:

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qmetrics.cli import UsageError, _print_table, _quiet_transformers
+from qmetrics.cli import UsageError, _quiet_transformers, finish_run
 from qmetrics.tasks import OFFLINE_TASKS
 
 
@@ -119,9 +119,4 @@ def run_tasks(args: argparse.Namespace) -> int:
         origins={m.name: m.origin for m in (reference, candidate)},
     )  # fmt: skip
     paths = write_task_reports(report, args.output)
-    _print_table(render_task_table(report))
-    print(f"reports: {', '.join(str(p) for p in paths.values())}")
-    violations = check_task_gate(rules, report)
-    for v in violations:
-        print(f"FAIL {v}")
-    return 1 if violations else 0
+    return finish_run(render_task_table(report), paths, check_task_gate(rules, report))
