@@ -30,6 +30,9 @@ _CHUNK_ELEMENTS = 24 * 32768
 _FLOAT_OUT = (
     "kl", "reverse_kl", "entropy_ref", "entropy_quant", "cosine", "mse", "lse_ref", "lse_quant",
 )  # fmt: skip
+# Largest t = (y − m_y) − (x − m_x) for which v = w·(1 + expm1(t)) is used: beyond it w may
+# have underflowed (x − m_x < −87) while v = exp(y − m_y) > e^−47 has not.
+_ADDCMUL_MAX_T = 40.0
 # Segment length of the batched-matmul reductions (fp32 partial sums of this many terms).
 _SEGMENT = 1024
 # Block width of the two-level argmax (a vectorised max over blocks, then one block per row).
@@ -140,11 +143,16 @@ def _fast_rows(
     torch.sub(x, mx[:, None], out=bx)
     torch.exp(bx, out=w)
     torch.sub(y, my[:, None], out=by)
-    torch.exp(by, out=v)
     torch.sub(y, x, out=d)
     # t = d − c with c = m_y − m_x, formed from the nearby numbers y − m_y and x − m_x
     torch.sub(by, bx, out=t)
     torch.expm1(t, out=e)
+    # v = exp(y − m_y) = w·(1 + expm1(t)): one multiply-add instead of an exp. Where t is large
+    # w may have underflowed while v has not, so those rows take the exp.
+    torch.addcmul(w, w, e, out=v)
+    wide = (t.amax(dim=-1) > _ADDCMUL_MAX_T).nonzero().squeeze(-1)
+    if wide.numel():
+        v[wide] = torch.exp(by[wide])
     sums = buf.weighted_sums(r)
     s_x, s_y = sums[:, 0, 0], sums[:, 1, 0]
     wx, vy = sums[:, 0, 1], sums[:, 1, 2]
