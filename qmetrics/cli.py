@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from qmetrics.corpus import DEMO_SOURCE, CorpusError, iter_texts
@@ -139,13 +140,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if not args.candidate and not specs:
         raise UsageError("nothing to compare: give --candidate M and/or --quantize SPEC")
 
-    # Read the corpus's first document before loading any model: a bad corpus fails fast.
     dataset = args.dataset or DEFAULT_DATASET
-    texts = iter_texts(dataset, text_field=args.text_field)
-    first = next(texts, None)
-    if first is None:
-        raise CorpusError(f"the corpus is empty: {dataset} holds no documents")
-    texts = itertools.chain([first], texts)
+    texts = open_corpus(dataset, args.text_field)
 
     from qmetrics.evaluator import QuantizationEvaluator
     from qmetrics.models import load_pretrained, rtn_candidate
@@ -189,6 +185,50 @@ def finish_run(table, paths: dict, violations: list[str]) -> int:
     for v in violations:
         print(f"FAIL {v}")
     return 1 if violations else 0
+
+
+def open_corpus(dataset: str, text_field: str) -> Iterator[str]:
+    """The corpus's documents, with the first one already read: a missing, unreadable or empty
+    corpus fails here, before any model is loaded."""
+    texts = iter_texts(dataset, text_field=text_field)
+    first = next(texts, None)
+    if first is None:
+        raise CorpusError(f"the corpus is empty: {dataset} holds no documents")
+    return itertools.chain([first], texts)
+
+
+def add_model_pair_args(p: argparse.ArgumentParser, candidate_help: str) -> None:
+    """``--reference`` and exactly one of ``--candidate`` / ``--quantize``, plus how to load."""
+    p.add_argument("--reference", required=True, help="HF model id or local path")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--candidate", metavar="M", help=candidate_help)
+    which.add_argument(
+        "--quantize", metavar="SPEC", help="round-to-nearest candidate, e.g. int4-g128"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model repositories to run their own code (off by default)",
+    )
+
+
+def load_model_pair(args: argparse.Namespace, spec) -> tuple:
+    """Load the reference and the candidate (``spec``: a parsed ``--quantize``, or None for
+    ``--candidate``); the candidate is renamed when both carry one name."""
+    from qmetrics.models import load_pretrained, rtn_candidate
+
+    _quiet_transformers()
+    load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    reference = load_pretrained(args.reference, **load)
+    if spec is not None:
+        candidate = rtn_candidate(reference, spec)
+    else:
+        candidate = load_pretrained(args.candidate, **load)
+    if candidate.name == reference.name:
+        candidate.name = f"{candidate.name}-candidate"
+    return reference, candidate
 
 
 def _quiet_transformers() -> None:

@@ -11,12 +11,18 @@ into a one-line error with exit code 2.
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 from typing import Any
 
-from qmetrics.cli import DEFAULT_DATASET, UsageError, _print_table, _quiet_transformers
-from qmetrics.corpus import CorpusError, check_same_tokens, iter_texts, tokenize_texts
+from qmetrics.cli import (
+    DEFAULT_DATASET,
+    UsageError,
+    _print_table,
+    add_model_pair_args,
+    load_model_pair,
+    open_corpus,
+)
+from qmetrics.corpus import check_same_tokens, tokenize_texts
 
 
 def add_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,12 +30,7 @@ def add_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "layers", help="per-layer error and layer sensitivity of one quantized model"
     )
-    p.add_argument("--reference", required=True, help="HF model id or local path")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--candidate", metavar="M", help="quantized model to analyse")
-    which.add_argument(
-        "--quantize", metavar="SPEC", help="round-to-nearest candidate, e.g. int4-g128"
-    )
+    add_model_pair_args(p, "quantized model to analyse")
     p.add_argument(
         "--modules",
         action="append",
@@ -54,9 +55,6 @@ def add_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16384, help="token budget of the error pass")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--output", type=Path, default=Path("qmetrics-layers"), metavar="DIR")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -82,26 +80,14 @@ def run_layers(args: argparse.Namespace) -> int:
         token_batches,
     )
     from qmetrics.layers_report import render_layer_tables, write_layer_reports
-    from qmetrics.models import load_pretrained, rtn_candidate
     from qmetrics.rtn_quantize import QuantSpec
 
     _check_args(args)
     spec = QuantSpec.parse(args.quantize) if args.quantize else None
     modules = args.modules or ["blocks"]
     dataset = args.dataset or DEFAULT_DATASET
-    texts = iter_texts(dataset, text_field=args.text_field)
-    first = next(texts, None)  # a bad corpus fails before any model is loaded
-    if first is None:
-        raise CorpusError(f"the corpus is empty: {dataset} holds no documents")
-    texts = list(itertools.chain([first], texts))
-
-    _quiet_transformers()
-    load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    reference = load_pretrained(args.reference, **load)
-    candidate = (rtn_candidate(reference, spec) if spec is not None
-                 else load_pretrained(args.candidate, **load))  # fmt: skip
-    if candidate.name == reference.name:
-        candidate.name = f"{candidate.name}-candidate"
+    texts = list(open_corpus(dataset, args.text_field))
+    reference, candidate = load_model_pair(args, spec)
     ids = tokenize_texts(texts, reference.tokenizer, max_tokens=args.max_tokens)
     if candidate.tokenizer is not None:
         other = tokenize_texts(texts, candidate.tokenizer, max_tokens=args.max_tokens)

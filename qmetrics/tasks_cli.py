@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qmetrics.cli import UsageError, _quiet_transformers, finish_run
+from qmetrics.cli import UsageError, add_model_pair_args, finish_run, load_model_pair
 from qmetrics.tasks import OFFLINE_TASKS
 
 
@@ -36,10 +36,7 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "tasks", help="downstream tasks (lm-evaluation-harness), paired per item, with p-values"
     )
-    p.add_argument("--reference", required=True, help="HF model id or local path")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--candidate", metavar="M", help="quantized model to compare")
-    which.add_argument("--quantize", metavar="SPEC", help="round-to-nearest candidate, e.g. int4")
+    add_model_pair_args(p, "quantized model to compare")
     p.add_argument("--tasks", required=True, metavar="LIST",
                    help="comma-separated lm-eval tasks/groups, e.g. hellaswag,arc_easy,mmlu; "
                    f"offline: {','.join(OFFLINE_TASKS)}")  # fmt: skip
@@ -57,9 +54,6 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of a drop")
     p.add_argument("--resamples", type=int, default=9999,
                    help="bootstrap / permutation resamples")  # fmt: skip
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--output", type=Path, default=Path("qmetrics-tasks"), metavar="DIR")
     p.add_argument("--fail-if", default=None, metavar="EXPR",
                    help='rules, e.g. "acc_drop>0.02,p<0.05; drop>0.05" (clauses of a rule '
@@ -93,7 +87,6 @@ def run_tasks(args: argparse.Namespace) -> int:
         include_paths=[str(p) for p in args.include_path],
     )
 
-    from qmetrics.models import load_pretrained, rtn_candidate
     from qmetrics.rtn_quantize import QuantSpec
     from qmetrics.task_comparison import compare_runs
     from qmetrics.task_runner import check_task_names, evaluate_tasks, task_manager
@@ -103,13 +96,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = task_manager(settings)
     check_task_names(manager, names)  # before any model is loaded
-    _quiet_transformers()
-    load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    reference = load_pretrained(args.reference, **load)
-    candidate = (rtn_candidate(reference, spec) if spec is not None
-                 else load_pretrained(args.candidate, **load))  # fmt: skip
-    if candidate.name == reference.name:
-        candidate.name = f"{candidate.name}-candidate"
+    reference, candidate = load_model_pair(args, spec)
     ref_run = evaluate_tasks(reference, settings, manager=manager)
     cand_run = evaluate_tasks(candidate, settings, reference.tokenizer, manager=manager)
     comparisons = compare_runs(ref_run, cand_run, alpha=args.alpha, n_resamples=args.resamples,
