@@ -27,7 +27,7 @@ import triton.language as tl
 OUTPUTS = ("ref_sq", "cand_sq", "dot", "diff_sq", "max_abs_diff", "nonfinite")
 NUM_OUTPUTS = len(OUTPUTS)
 
-_POS_INF = float("inf")
+_POS_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit

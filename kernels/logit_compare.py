@@ -1,30 +1,39 @@
 """Fused logit comparison: one read of two [N, V] logit tensors -> per-row metrics.
 
-For each row, with reference logits x, quantized logits y, running maxima m_x, m_y (the
-online-softmax anchors) and a fixed per-program shift c = c_y − c_x (the maxima of the first
-tile, kept as the pair so that t is formed from nearby numbers only):
+For each row, with reference logits x, quantized logits y, exp anchors c_x, c_y and a fixed shift
+c0 = (c0_x, c0_y) (the maxima of the first tile, so that t is formed from nearby numbers only):
 
-    w_i = exp(x_i − m_x)   v_i = exp(y_i − m_y)   t_i = (y_i − c_y) − (x_i − c_x)
-    s_x = Σ w   s_y = Σ v   h_x = Σ w (x − m_x)   h_y = Σ v (y − m_y)
-    U = Σ w expm1(t)   A = Σ w t   B = Σ v t     (sums over positions where both are finite)
+    w_i = exp(x_i − c_x)   v_i = exp(y_i − c_y)   t_i = (y_i − c0_y) − (x_i − c0_x)
+    s_x = Σ w   s_y = Σ v   h_x = Σ w (x − c_x)   h_y = Σ v (y − c_y)
+    U = Σ w expm1(t)   A = Σ w t   B = Σ v t
     KL(P‖Q) = log1p(U/s_x) − A/s_x          (small terms only: exact down to KL ~ 1e-8)
-    KL(Q‖P) = log1p(U_r/s_y) + B/s_y,  U_r = Σ v expm1(−t) = −exp(κ) U,  κ = m_x − m_y + c
+    KL(Q‖P) = log1p(U_r/s_y) + B/s_y,  U_r = Σ v expm1(−t) = −exp(κ) U
+    κ = (c_x − c0_x) − (c_y − c0_y)
     H(P) = log s_x − h_x/s_x,   H(Q) = log s_y − h_y/s_y
 
-With −inf entries, s_x and s_y are split into the parts over positions where both logits are
-finite and where only one is; the latter enter as log1p(s_y,only / s_y,both) (and the mirror
-term for KL(Q‖P)). When |U/s_x| ≥ 1/2 or U overflows (logits far apart), KL is large and is
-taken from the log-sum-exps directly: KL(P‖Q) = −κ + log s_y − log s_x − A/s_x.
+When |U/s_x| ≥ 1/2 or U overflows (logits far apart), KL is large and is taken from the
+log-sum-exps directly: KL(P‖Q) = −κ + log s_y − log s_x − A/s_x. Cosine and MSE come from Σx²,
+Σy², Σ(y−x)² (Σxy = (Σx² + Σy² − Σ(y−x)²)/2). The quant argmax j is in the reference top-k iff
+x_j ≥ the k-th largest x (with multiplicity), kept in a small register buffer.
 
-The sums over w and v are rescaled by exp(m_old − m_new) when a tile raises a maximum. Cosine
-and MSE accumulate Σxy, Σx², Σy², Σ(x−y)² over positions where both logits are finite. The
-reference top-k threshold (k-th largest x, with multiplicity) is kept in a small register
-buffer that a tile only touches when it holds values above the current threshold; the quant
-argmax j is in the reference top-k iff x_j ≥ that threshold, i.e. #{i: x_i > x_j} < k.
+Three kernels:
 
-A program handles one row, or one slice of V of one row when there are too few rows to fill
-the GPU ("splits"); a second kernel then merges the partial states. Only per-row values are
-written: memory traffic is one read of each logit tensor.
+* ``_fast_kernel`` — rows whose entries are all finite, which is every row of a real model. A
+  tile is [G, ROWS, VEC]: each thread holds one tile row of G 16-byte vectors and keeps its own
+  sums, so a tile costs in-thread work plus one cross-thread max. The anchors (c_x, c_y) are
+  shared by the program and move (rescaling the sums) only when a tile's maximum exceeds them
+  by more than 4 nats; that check and the top-k buffer update are one rare branch. The argmax
+  is recovered after the loop from the tile where each tile row's maximum first appeared.
+  NaN or ±inf make Σx² or Σy² non-finite: such rows are flagged and left to
+  ``_general_kernel``. On sm_90 the main loop costs ~38 SASS instructions per logit
+  (``benchmarks/sass_report.py``).
+* ``_merge_splits_kernel`` — when there are too few rows to fill the GPU, the fast kernel splits
+  V across programs ("splits") and this kernel merges their partial states.
+* ``_general_kernel`` — the masked path for flagged rows: NaN and +inf are counted, −inf entries
+  handled exactly (sums split by which side is finite; one-sided −inf gives KL = inf). The
+  other programs only read their flag.
+
+Only per-row values are written: memory traffic is one read of each logit tensor.
 """
 
 from __future__ import annotations
@@ -48,8 +57,13 @@ STATE = (
 NUM_STATE = len(STATE)
 MAX_TOP_K = 64
 
-_NEG_INF = float("-inf")
-_POS_INF = float("inf")
+_NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# The fast kernel moves its exp anchors when a tile's maximum exceeds them by more than this
+# (nats): w = exp(x − c) ≤ e^4, and the entropy sums keep full fp32 precision.
+_REANCHOR = tl.constexpr(4.0)
 
 
 @triton.jit
@@ -159,7 +173,151 @@ def _finalize(
 
 
 @triton.jit
-def _logit_compare_kernel(
+def _exp2(z, PTX: tl.constexpr):
+    """2**z. On NVIDIA GPUs one ex2.approx.ftz (denormal results flush to 0, which no sum here
+    can see); the default lowering adds a range check and two rescales per element."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(z)
+
+
+@triton.jit
+def _exp2m1(t2, PTX: tl.constexpr):
+    """2**t2 − 1 in fp32: Taylor polynomial of degree 4 in t2·ln 2 for |t2| < 1/16 (relative
+    error < 3e-8), 2**t2 − 1 elsewhere (relative error < 4e-6 there)."""
+    p = t2 * 9.618129107628477e-3 + 5.550410866482158e-2  # (ln 2)^n / n!, n = 4, 3
+    p = p * t2 + 0.2402265069591007
+    p = p * t2 + 0.6931471805599453
+    p = p * t2
+    return tl.where(tl.abs(t2) < 0.0625, p, _exp2(t2, PTX) - 1.0)
+
+
+@triton.jit
+def _row_sum(z):
+    """Sum of a [G, ROWS, VEC] tile per tile row: in-thread adds only."""
+    return tl.sum(tl.sum(z, axis=2), axis=0)
+
+
+@triton.jit
+def _row_max(z):
+    """Maximum of a [G, ROWS, VEC] tile per tile row."""
+    return tl.max(tl.max(z, axis=2), axis=0)
+
+
+@triton.jit
+def _topk_insert_tile(top, lanes_k, x, valid, thr):
+    """Insert the values of the [G, ROWS, VEC] tile ``x`` (where ``valid``) that exceed
+    ``thr`` into ``top`` (the k largest so far with multiplicity, padded with +inf), largest
+    first."""
+    cand = valid & (x > thr)
+    n_cand = tl.sum(_row_sum(cand.to(tl.int32)), axis=0)
+    while n_cand > 0:
+        cv = tl.max(_row_max(tl.where(cand, x, _NEG_INF)), axis=0)
+        n_eq = tl.sum(_row_sum((cand & (x == cv)).to(tl.int32)), axis=0)
+        while (n_eq > 0) & (cv > thr):
+            slot = tl.argmin(top, axis=0)
+            top = tl.where(lanes_k == slot, cv, top)
+            thr = tl.min(top, axis=0)
+            n_eq -= 1
+        cand = cand & (x < cv) & (x > thr)
+        n_cand = tl.sum(_row_sum(cand.to(tl.int32)), axis=0)
+    return top, thr
+
+
+@triton.jit
+def _fast_step(
+    ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y, c_x, c_y,
+    m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+    MASKED: tl.constexpr, PTX: tl.constexpr,
+):  # fmt: skip
+    """Fold one [G, ROWS, VEC] tile into the per-row sums (a tile row: G slices of VEC
+    contiguous lanes, all held by one thread).
+
+    The exponentials use the program-wide anchors (c_x, c_y), moved up (and the sums rescaled)
+    only when a tile's maximum exceeds them by more than _REANCHOR, so no sum overflows and
+    h = Σ w (x − c) never cancels badly; t keeps the fixed shift c0. That check and the top-k
+    update share one cross-thread max per tile. z, h, a and b are in log2 units (× log2 e)."""
+    offs = start + lane
+    if MASKED:
+        valid = offs < v_stop
+        x = tl.load(ref_row + offs, mask=valid, other=0.0).to(tl.float32)
+        y = tl.load(quant_row + offs, mask=valid, other=0.0).to(tl.float32)
+        tmx = _row_max(tl.where(valid, x, _NEG_INF))
+        tmy = _row_max(tl.where(valid, y, _NEG_INF))
+    else:
+        valid = lane >= 0
+        x = tl.load(ref_row + offs).to(tl.float32)
+        y = tl.load(quant_row + offs).to(tl.float32)
+        tmx = _row_max(x)
+        tmy = _row_max(y)
+    bx = tl.where(tmx > m_x, start, bx)  # tile where each row's maximum first appears
+    by = tl.where(tmy > m_y, start, by)
+    m_x = tl.maximum(m_x, tmx)
+    m_y = tl.maximum(m_y, tmy)
+    rare = (tmx > thr) | (tmx > c_x + _REANCHOR) | (tmy > c_y + _REANCHOR)
+    if tl.max(rare.to(tl.int32), axis=0) > 0:
+        big_x = tl.max(tmx, axis=0)
+        big_y = tl.max(tmy, axis=0)
+        if big_x > c_x + _REANCHOR:
+            shift2 = (c_x - big_x) * _LOG2E
+            f = _exp2(shift2, PTX)
+            h_x = f * (h_x + s_x * shift2)
+            s_x *= f
+            u *= f
+            a *= f
+            c_x = big_x
+        if big_y > c_y + _REANCHOR:
+            shift2 = (c_y - big_y) * _LOG2E
+            f = _exp2(shift2, PTX)
+            h_y = f * (h_y + s_y * shift2)
+            s_y *= f
+            b *= f
+            c_y = big_y
+        if big_x > thr:
+            top, thr = _topk_insert_tile(top, lanes_k, x, valid, thr)
+    # x − c first (exact for nearby values), then the log2 scaling: z = (x − c)·log2 e
+    zx = (x - c_x) * _LOG2E
+    zy = (y - c_y) * _LOG2E
+    w = _exp2(zx, PTX)
+    v = _exp2(zy, PTX)
+    if MASKED:
+        w = tl.where(valid, w, 0.0)
+        v = tl.where(valid, v, 0.0)
+    # t·log2 e with t = (y − c0_y) − (x − c0_x), from z and the anchors' offsets from c0
+    k2 = ((c_y - c0_y) - (c_x - c0_x)) * _LOG2E
+    t2 = (zy - zx) + k2
+    e = _exp2m1(t2, PTX)
+    d = y - x  # masked lanes: 0 − 0
+    h_x += _row_sum(w * zx)
+    h_y += _row_sum(v * zy)
+    s_x += _row_sum(w)
+    s_y += _row_sum(v)
+    u += _row_sum(w * e)
+    a += _row_sum(w * t2)
+    b += _row_sum(v * t2)
+    xx += _row_sum(x * x)
+    yy += _row_sum(y * y)
+    dd += _row_sum(d * d)
+    return top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by
+
+
+@triton.jit
+def _first_index_of_max(row_ptr, tile_of_max, m, big, lane, v_stop):
+    """First position holding ``big`` (the maximum), given for each tile row the tile where its
+    own maximum ``m`` first appeared: reread only the tile rows that hold ``big``."""
+    hit = (m == big) & (tile_of_max >= 0)
+    offs = tile_of_max[None, :, None] + lane
+    mask = hit[None, :, None] & (offs < v_stop)
+    vals = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    first = tl.min(tl.min(tl.where(mask & (vals == big), offs, 2147483647), axis=2), axis=0)
+    return tl.min(first, axis=0)
+
+
+@triton.jit
+def _fast_kernel(
     ref_ptr,  # [N, V] reference logits (fp32/fp16/bf16), unit stride along V
     ref_stride,  # elements between consecutive rows of ref
     quant_ptr,  # [N, V] quantized-model logits, same dtype rules
@@ -169,14 +327,20 @@ def _logit_compare_kernel(
     state_ptr,  # [N, SPLITS, NUM_STATE] fp32 partial states (written when SPLITS > 1)
     index_ptr,  # [N, SPLITS, 2] int32 partial argmax indices (ref, quant)
     top_ptr,  # [N, SPLITS, KP] fp32 partial top-k buffers
+    flag_ptr,  # [N] int32, set for rows left to _general_kernel (non-finite entries)
     N, V, v_per_split, ignore_index, top_k,
     SPLITS,  # programs per row along V
     HAS_LABELS: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,  # SPLITS > 1: store the partial state for the merge kernel
     NUM_STATE_: tl.constexpr,
     KP: tl.constexpr,  # power of two ≥ top_k
-    BLOCK_V: tl.constexpr,  # tile width along V
+    G: tl.constexpr,  # vectors per tile row; a tile is [G, ROWS, VEC]
+    ROWS: tl.constexpr,  # tile rows (one per thread)
+    VEC: tl.constexpr,  # contiguous elements per vector (16 bytes: one load)
+    PTX: tl.constexpr,  # compiled for an NVIDIA GPU: exp2 through inline PTX
 ):  # fmt: skip
+    """Rows whose entries are all finite, in one read: each tile row keeps its own online
+    softmax state, so a tile costs in-thread work plus one cross-thread max (top-k check)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -184,7 +348,160 @@ def _logit_compare_kernel(
     quant_row = quant_ptr + row64 * quant_stride
     v_start = split * v_per_split
     v_stop = tl.minimum(v_start + v_per_split, V)
+    BLOCK: tl.constexpr = G * ROWS * VEC
+    lane = (
+        tl.arange(0, G)[:, None, None] * (ROWS * VEC)
+        + tl.arange(0, ROWS)[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
+    )
+    lanes_k = tl.arange(0, KP)
+    f32 = tl.float32
 
+    # The shift c0 of t = (y − c0_y) − (x − c0_x), and the first exp anchors: the maxima of the
+    # first tile, so t is small where the probability mass is.
+    first = v_start + lane
+    first_ok = first < v_stop
+    x0 = tl.load(ref_row + first, mask=first_ok, other=_NEG_INF).to(f32)
+    y0 = tl.load(quant_row + first, mask=first_ok, other=_NEG_INF).to(f32)
+    c_x = tl.max(_row_max(x0), axis=0)
+    c_y = tl.max(_row_max(y0), axis=0)
+    c_x = tl.where(tl.abs(c_x) < _POS_INF, c_x, 0.0)
+    c_y = tl.where(tl.abs(c_y) < _POS_INF, c_y, 0.0)
+
+    r0 = tl.zeros([ROWS], f32)
+    m_x = r0 + _NEG_INF
+    m_y = r0 + _NEG_INF
+    s_x = r0
+    s_y = r0
+    h_x = r0
+    h_y = r0
+    u = r0
+    a = r0
+    b = r0
+    xx = r0
+    yy = r0
+    dd = r0
+    bx = tl.zeros([ROWS], tl.int32) - 1
+    by = tl.zeros([ROWS], tl.int32) - 1
+    top = tl.where(lanes_k < top_k, _NEG_INF, _POS_INF).to(f32)
+    thr = tl.min(top, axis=0)
+
+    n_full = (v_stop - v_start) // BLOCK
+    full_stop = v_start + n_full * BLOCK
+    c0_x = c_x
+    c0_y = c_y
+    for start in range(v_start, full_stop, BLOCK):
+        top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+            _fast_step(
+                ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y,
+                c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, False, PTX,
+            )
+        )  # fmt: skip
+    if full_stop < v_stop:
+        top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+            _fast_step(
+                ref_row, quant_row, full_stop, lane, v_stop, lanes_k, top, thr, c0_x, c0_y,
+                c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, True, PTX,
+            )
+        )  # fmt: skip
+
+    # Sums anchored at c: S = Σ w, H = Σ w (x − c) (nats), U, A = Σ w t (nats), B = Σ v t.
+    mx_all = tl.max(m_x, axis=0)
+    my_all = tl.max(m_y, axis=0)
+    sx_all = tl.sum(s_x, axis=0)
+    sy_all = tl.sum(s_y, axis=0)
+    hx_all = tl.sum(h_x, axis=0) * _LN2
+    hy_all = tl.sum(h_y, axis=0) * _LN2
+    u_all = tl.sum(u, axis=0)
+    a_all = tl.sum(a, axis=0) * _LN2
+    b_all = tl.sum(b, axis=0) * _LN2
+    xx_all = tl.sum(xx, axis=0)
+    yy_all = tl.sum(yy, axis=0)
+    dd_all = tl.sum(dd, axis=0)
+    xy_all = 0.5 * (xx_all + yy_all - dd_all)
+    # NaN or ±inf anywhere makes Σx² or Σy² non-finite: such rows go to the general kernel.
+    ok = (tl.abs(xx_all + yy_all) < _POS_INF) & (mx_all > _NEG_INF) & (my_all > _NEG_INF)
+    n_here = (v_stop - v_start).to(f32)
+    ax_idx = _first_index_of_max(ref_row, bx, m_x, mx_all, lane, v_stop)
+    ay_idx = _first_index_of_max(quant_row, by, m_y, my_all, lane, v_stop)
+    x_at_ay = tl.load(ref_row + ay_idx, mask=ay_idx < v_stop, other=_NEG_INF).to(f32)
+    zero = tl.zeros([], f32)
+    if not WRITE_PARTIAL:
+        if ok:
+            _finalize(
+                out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+                c_x, sx_all, zero, hx_all, c_y, sy_all, zero, hy_all, c0_x, c0_y,
+                u_all, a_all, b_all, xy_all, xx_all, yy_all, dd_all, n_here,
+                zero, zero, zero, ax_idx, ay_idx, x_at_ay, thr, HAS_LABELS,
+            )  # fmt: skip
+        else:
+            tl.store(flag_ptr + row, 1)
+    else:
+        sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
+        # (order: STATE)
+        tl.store(sp + 0, c_x)  # the anchor of the sums
+        tl.store(sp + 1, sx_all)
+        tl.store(sp + 2, zero)
+        tl.store(sp + 3, hx_all)
+        tl.store(sp + 4, c_y)
+        tl.store(sp + 5, sy_all)
+        tl.store(sp + 6, zero)
+        tl.store(sp + 7, hy_all)
+        tl.store(sp + 8, c0_x)  # the shift of t
+        tl.store(sp + 9, c0_y)
+        tl.store(sp + 10, zero + 1.0)
+        tl.store(sp + 11, u_all)
+        tl.store(sp + 12, a_all)
+        tl.store(sp + 13, b_all)
+        tl.store(sp + 14, xy_all)
+        tl.store(sp + 15, xx_all)
+        tl.store(sp + 16, yy_all)
+        tl.store(sp + 17, dd_all)
+        tl.store(sp + 18, n_here)
+        tl.store(sp + 19, tl.where(ok, 0.0, 1.0))
+        tl.store(sp + 20, zero)
+        tl.store(sp + 21, zero)
+        tl.store(sp + 22, mx_all)
+        tl.store(sp + 23, my_all)
+        tl.store(sp + 24, x_at_ay)
+        ip = index_ptr + (row64 * SPLITS + split) * 2
+        tl.store(ip, ax_idx)
+        tl.store(ip + 1, ay_idx)
+        tl.store(top_ptr + (row64 * SPLITS + split) * KP + lanes_k, top)
+
+
+@triton.jit
+def _general_kernel(
+    ref_ptr,  # [N, V] reference logits (fp32/fp16/bf16), unit stride along V
+    ref_stride,  # elements between consecutive rows of ref
+    quant_ptr,  # [N, V] quantized-model logits, same dtype rules
+    quant_stride,  # elements between consecutive rows of quant
+    label_ptr,  # [N] int64 labels (unused unless HAS_LABELS)
+    out_ptr,  # [NUM_OUTPUTS, N] fp32 per-row outputs
+    flag_ptr,  # [N] int32: rows the fast kernel could not finish (non-finite entries)
+    N, V, ignore_index, top_k,
+    HAS_LABELS: tl.constexpr,
+    KP: tl.constexpr,  # power of two ≥ top_k
+    BLOCK_V: tl.constexpr,  # tile width along V
+):  # fmt: skip
+    """The masked path for rows holding −inf, +inf or NaN: every sum split by which side is
+    finite. Only rows flagged by the fast kernel do any work."""
+    row = tl.program_id(0)
+    if tl.load(flag_ptr + row) != 0:
+        row64 = row.to(tl.int64)
+        ref_row = ref_ptr + row64 * ref_stride
+        quant_row = quant_ptr + row64 * quant_stride
+        _general_row(
+            ref_row, quant_row, label_ptr, out_ptr, N, V, row, ignore_index, top_k,
+            HAS_LABELS, KP, BLOCK_V,
+        )  # fmt: skip
+
+
+@triton.jit
+def _general_row(
+    ref_row, quant_row, label_ptr, out_ptr, N, V, row, ignore_index, top_k,
+    HAS_LABELS: tl.constexpr, KP: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
     lanes = tl.arange(0, BLOCK_V)
     lanes_k = tl.arange(0, KP)
     f32 = tl.float32
@@ -221,9 +538,9 @@ def _logit_compare_kernel(
     ay_idx = tl.zeros([], tl.int32)
     top = tl.where(lanes_k < top_k, _NEG_INF, _POS_INF).to(f32)
 
-    for start in range(v_start, v_stop, BLOCK_V):
+    for start in range(0, V, BLOCK_V):
         offs = start + lanes
-        mask = offs < v_stop
+        mask = offs < V
         x = tl.load(ref_row + offs, mask=mask, other=_NEG_INF).to(f32)
         y = tl.load(quant_row + offs, mask=mask, other=_NEG_INF).to(f32)
         # NaN and +inf are counted and then treated as masked (-inf) so the sums stay finite.
@@ -314,44 +631,11 @@ def _logit_compare_kernel(
     n_bad = tl.sum(n_bad, axis=0)
     n_fwd_inf = tl.sum(n_fwd_inf, axis=0)
     n_rev_inf = tl.sum(n_rev_inf, axis=0)
-    if not WRITE_PARTIAL:
-        _finalize(
-            out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
-            m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
-            n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
-        )  # fmt: skip
-    else:
-        sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
-        # (order: STATE)
-        tl.store(sp + 0, m_x)
-        tl.store(sp + 1, s_xb)
-        tl.store(sp + 2, s_xo)
-        tl.store(sp + 3, h_x)
-        tl.store(sp + 4, m_y)
-        tl.store(sp + 5, s_yb)
-        tl.store(sp + 6, s_yo)
-        tl.store(sp + 7, h_y)
-        tl.store(sp + 8, c_x)
-        tl.store(sp + 9, c_y)
-        tl.store(sp + 10, c_set)
-        tl.store(sp + 11, u)
-        tl.store(sp + 12, a)
-        tl.store(sp + 13, b)
-        tl.store(sp + 14, xy)
-        tl.store(sp + 15, xx)
-        tl.store(sp + 16, yy)
-        tl.store(sp + 17, dd)
-        tl.store(sp + 18, n_both)
-        tl.store(sp + 19, n_bad)
-        tl.store(sp + 20, n_fwd_inf)
-        tl.store(sp + 21, n_rev_inf)
-        tl.store(sp + 22, ax_val)
-        tl.store(sp + 23, ay_val)
-        tl.store(sp + 24, x_at_ay)
-        ip = index_ptr + (row64 * SPLITS + split) * 2
-        tl.store(ip, ax_idx)
-        tl.store(ip + 1, ay_idx)
-        tl.store(top_ptr + (row64 * SPLITS + split) * KP + lanes_k, top)
+    _finalize(
+        out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+        m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
+        n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -362,6 +646,7 @@ def _merge_splits_kernel(
     state_ptr,  # [N, SPLITS, NUM_STATE] fp32 partial states
     index_ptr,  # [N, SPLITS, 2] int32 partial argmax indices
     top_ptr,  # [N, SPLITS, KP] fp32 partial top-k buffers
+    flag_ptr,  # [N] int32, set for rows left to _general_kernel (non-finite entries)
     N, ignore_index, top_k,
     SPLITS,  # partial states per row
     HAS_LABELS: tl.constexpr,
@@ -495,12 +780,15 @@ def _merge_splits_kernel(
         tops = tl.where(flat == mi, _NEG_INF, tops)
     kth = tl.max(tops, axis=0)
 
-    _finalize(
-        out_ptr, N, row, ref_ptr + row64 * ref_stride, quant_ptr + row64 * quant_stride,
-        label_ptr, ignore_index,
-        m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
-        n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
-    )  # fmt: skip
+    if n_bad == 0:
+        _finalize(
+            out_ptr, N, row, ref_ptr + row64 * ref_stride, quant_ptr + row64 * quant_stride,
+            label_ptr, ignore_index,
+            m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
+            n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+        )  # fmt: skip
+    else:
+        tl.store(flag_ptr + row, 1)
 
 
 def _num_programs_wanted(device: torch.device) -> int:
@@ -519,12 +807,14 @@ def logit_compare_triton(
     ignore_index: int,
     block_v: int | None = None,
     splits: int | None = None,
+    num_warps: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Launch the fused kernel on ``ref``/``quant`` [N, V] (unit stride along V).
+    """Launch the fused kernels on ``ref``/``quant`` [N, V] (unit stride along V).
 
     Returns 1-D tensors of length N: fp32 metrics and bool flags, keyed like
-    :class:`qmetrics.TokenMetrics`. ``block_v`` and ``splits`` override the heuristics
-    (tests use them to exercise multi-tile and split-merge paths on small inputs).
+    :class:`qmetrics.TokenMetrics`. ``block_v`` (tile width), ``splits`` (programs per row) and
+    ``num_warps`` override the heuristics; tests use the first two to exercise the multi-tile
+    and split-merge paths on small inputs, benchmarks all three to tune.
     """
     n, vocab = ref.shape
     if ref.stride(1) != 1 or quant.stride(1) != 1:
@@ -532,8 +822,24 @@ def logit_compare_triton(
     if top_k > MAX_TOP_K:
         raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {top_k}")
     dev = ref.device
+    on_gpu = dev.type == "cuda"
+    if num_warps is None:
+        num_warps = 4
+    # The fast kernel's tile is [G, ROWS, VEC]: VEC elements make one 16-byte load of the wider
+    # input dtype; on a GPU each of the 32·num_warps threads holds one tile row of G vectors
+    # (G = 2 by default: 128 registers, four 4-warp programs per SM on sm_90).
+    vec = 16 // max(ref.element_size(), quant.element_size())
     if block_v is None:
-        block_v = min(triton.next_power_of_2(vocab), 4096 if dev.type == "cuda" else 8192)
+        block_v = 2 * 32 * num_warps * vec if on_gpu else 8192
+    block_v = max(block_v, vec)
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if on_gpu:
+        tile_rows = min(32 * num_warps, block_v // vec)
+        vectors_per_row = block_v // (tile_rows * vec)
+    else:  # interpreter: few, wide tiles
+        vectors_per_row = min(4, block_v // vec)
+        tile_rows = block_v // (vectors_per_row * vec)
     n_tiles = triton.cdiv(vocab, block_v)
     if splits is None:
         splits = min(n_tiles, max(1, triton.cdiv(_num_programs_wanted(dev), n)))
@@ -544,6 +850,7 @@ def logit_compare_triton(
     kp = max(2, triton.next_power_of_2(top_k))
 
     out = torch.empty(NUM_OUTPUTS, n, dtype=torch.float32, device=dev)
+    flag = torch.zeros(n, dtype=torch.int32, device=dev)
     has_labels = labels is not None
     label_arg = labels if has_labels else out
     if splits > 1:
@@ -552,20 +859,29 @@ def logit_compare_triton(
         top = torch.empty(n, splits, kp, dtype=torch.float32, device=dev)
     else:
         state = index = top = out
-    num_warps = 8 if block_v >= 2048 else 4
-    _logit_compare_kernel[(n, splits)](
-        ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top,
+    _fast_kernel[(n, splits)](
+        ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top, flag,
         n, vocab, v_per_split, ignore_index, top_k, splits,
         HAS_LABELS=has_labels, WRITE_PARTIAL=splits > 1, NUM_STATE_=NUM_STATE, KP=kp,
-        BLOCK_V=block_v, num_warps=num_warps,
+        G=vectors_per_row, ROWS=tile_rows, VEC=vec, PTX=on_gpu and torch.version.hip is None,
+        num_warps=num_warps,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(n,)](
             ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top,
-            n, ignore_index, top_k, splits,
+            flag, n, ignore_index, top_k, splits,
             HAS_LABELS=has_labels, NUM_STATE_=NUM_STATE, KP=kp,
             SPLITS_P2=triton.next_power_of_2(splits),
             num_warps=4,
+        )  # fmt: skip
+    # Rows with −inf, +inf or NaN entries (flagged above) take the masked path; the other
+    # programs only read their flag. On the CPU (interpreter) the launch is skipped when unused.
+    if on_gpu or bool(flag.any()):
+        _general_kernel[(n,)](
+            ref, ref.stride(0), quant, quant.stride(0), label_arg, out, flag,
+            n, vocab, ignore_index, top_k,
+            HAS_LABELS=has_labels, KP=kp, BLOCK_V=min(block_v, 4096) if on_gpu else block_v,
+            num_warps=num_warps,
         )  # fmt: skip
 
     result = {name: out[i] for i, name in enumerate(OUTPUTS[:6])}

@@ -28,17 +28,27 @@ def inputs(seed: int, rows: int, vocab: int):
     ref[4] = ref[4].max()  # all ties: first index wins across splits
     quant[4, -1] = quant[4].max() + 1
     quant[5, 7] = torch.nan  # non-finite row
+    # a maximum in the last tile 70 nats above the first tile's: past what the fast kernel's
+    # fixed anchor allows (60), so the general kernel takes the row; 50 nats stays fast
+    ref[6, -2] = ref[6, : vocab // 4].max() + 70
+    quant[7, -3] = quant[7, : vocab // 4].max() + 50
     labels = torch.randint(0, vocab, (rows,), generator=g)
     labels[0] = -100
     return ref, quant, labels
 
 
-@pytest.mark.parametrize(("block_v", "splits"), [(64, 1), (64, 2), (64, 3), (32, 7), (128, 2)])
+@pytest.mark.parametrize(
+    ("block_v", "splits", "dtype"),
+    [(64, 1, torch.float32), (64, 2, torch.float32), (64, 3, torch.float32),
+     (32, 7, torch.float32), (128, 2, torch.float32), (64, 2, torch.bfloat16),
+     (128, 1, torch.float16)],
+)  # fmt: skip
 @pytest.mark.parametrize("top_k", [1, 16])
-def test_tiles_and_splits_match_reference(block_v, splits, top_k):
+def test_tiles_and_splits_match_reference(block_v, splits, dtype, top_k):
     from qmetrics.kernels.logit_compare import logit_compare_triton
 
     ref, quant, labels = inputs(block_v + splits, rows=8, vocab=301)
+    ref, quant = ref.to(dtype), quant.to(dtype)
     got = logit_compare_triton(ref.to(TEST_DEVICE), quant.to(TEST_DEVICE),
                                labels.to(TEST_DEVICE), top_k=top_k, ignore_index=-100,
                                block_v=block_v, splits=splits)  # fmt: skip
