@@ -19,13 +19,13 @@ x_j ≥ the k-th largest x (with multiplicity), kept in a small register buffer.
 Three kernels:
 
 * ``_fast_kernel`` — rows whose entries are all finite, which is every row of a real model. A
-  tile is [G, ROWS, VEC]: each thread holds one tile row of G 16-byte vectors and keeps its own
+  tile is G sub-tiles [ROWS, VEC]: each thread holds one 16-byte row of each and keeps its own
   sums, so a tile costs in-thread work plus one cross-thread max. The anchors (c_x, c_y) are
   shared by the program and move (rescaling the sums) only when a tile's maximum exceeds them
   by more than 4 nats; that check and the top-k buffer update are one rare branch. The argmax
   is recovered after the loop from the tile where each tile row's maximum first appeared.
   NaN or ±inf make Σx² or Σy² non-finite: such rows are flagged and left to
-  ``_general_kernel``. On sm_90 the main loop costs ~38 SASS instructions per logit
+  ``_general_kernel``. On sm_90 the main loop costs ~35–37 SASS instructions per logit
   (``benchmarks/sass_report.py``).
 * ``_merge_splits_kernel`` — when there are too few rows to fill the GPU, the fast kernel splits
   V across programs ("splits") and this kernel merges their partial states.
@@ -197,19 +197,19 @@ def _exp2m1(t2, PTX: tl.constexpr):
 
 @triton.jit
 def _row_sum(z):
-    """Sum of a [G, ROWS, VEC] tile per tile row: in-thread adds only."""
-    return tl.sum(tl.sum(z, axis=2), axis=0)
+    """Sum of a [ROWS, VEC] sub-tile per tile row: in-thread adds only."""
+    return tl.sum(z, axis=1)
 
 
 @triton.jit
 def _row_max(z):
-    """Maximum of a [G, ROWS, VEC] tile per tile row."""
-    return tl.max(tl.max(z, axis=2), axis=0)
+    """Maximum of a [ROWS, VEC] sub-tile per tile row."""
+    return tl.max(z, axis=1)
 
 
 @triton.jit
 def _topk_insert_tile(top, lanes_k, x, valid, thr):
-    """Insert the values of the [G, ROWS, VEC] tile ``x`` (where ``valid``) that exceed
+    """Insert the values of the [ROWS, VEC] sub-tile ``x`` (where ``valid``) that exceed
     ``thr`` into ``top`` (the k largest so far with multiplicity, padded with +inf), largest
     first."""
     cand = valid & (x > thr)
@@ -228,31 +228,42 @@ def _topk_insert_tile(top, lanes_k, x, valid, thr):
 
 
 @triton.jit
-def _fast_step(
-    ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y, c_x, c_y,
-    m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
-    MASKED: tl.constexpr, PTX: tl.constexpr,
-):  # fmt: skip
-    """Fold one [G, ROWS, VEC] tile into the per-row sums (a tile row: G slices of VEC
-    contiguous lanes, all held by one thread).
-
-    The exponentials use the program-wide anchors (c_x, c_y), moved up (and the sums rescaled)
-    only when a tile's maximum exceeds them by more than _REANCHOR, so no sum overflows and
-    h = Σ w (x − c) never cancels badly; t keeps the fixed shift c0. That check and the top-k
-    update share one cross-thread max per tile. z, h, a and b are in log2 units (× log2 e)."""
-    offs = start + lane
+def _load_sub(ref_row, quant_row, offs, v_stop, MASKED: tl.constexpr):
+    """One [ROWS, VEC] sub-tile of both rows as fp32 (masked lanes read 0) and its mask."""
     if MASKED:
         valid = offs < v_stop
         x = tl.load(ref_row + offs, mask=valid, other=0.0).to(tl.float32)
         y = tl.load(quant_row + offs, mask=valid, other=0.0).to(tl.float32)
-        tmx = _row_max(tl.where(valid, x, _NEG_INF))
-        tmy = _row_max(tl.where(valid, y, _NEG_INF))
     else:
-        valid = lane >= 0
+        valid = offs >= 0
         x = tl.load(ref_row + offs).to(tl.float32)
         y = tl.load(quant_row + offs).to(tl.float32)
-        tmx = _row_max(x)
-        tmy = _row_max(y)
+    return x, y, valid
+
+
+@triton.jit
+def _fast_step(
+    ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y, c_x, c_y,
+    m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+    MASKED: tl.constexpr, PTX: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """Fold one tile — G sub-tiles [ROWS, VEC] of SUB = ROWS·VEC logits, a tile row's VEC
+    lanes contiguous and held by one thread — into the per-row sums.
+
+    The exponentials use the program-wide anchors (c_x, c_y), moved up (and the sums rescaled)
+    only when a tile's maximum exceeds them by more than _REANCHOR, so no sum overflows and
+    h = Σ w (x − c) never cancels badly; t keeps the fixed shift c0. That check and the top-k
+    update share one cross-thread max per tile. z, h, a and b are in log2 units (× log2 e).
+    The second pass reloads the sub-tiles: the compiler reuses the first loads' registers."""
+    tmx = m_x * 0.0 + _NEG_INF
+    tmy = tmx
+    for g in tl.static_range(G):
+        x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_stop, MASKED)
+        if MASKED:
+            x = tl.where(valid, x, _NEG_INF)
+            y = tl.where(valid, y, _NEG_INF)
+        tmx = tl.maximum(tmx, _row_max(x))
+        tmy = tl.maximum(tmy, _row_max(y))
     bx = tl.where(tmx > m_x, start, bx)  # tile where each row's maximum first appears
     by = tl.where(tmy > m_y, start, by)
     m_x = tl.maximum(m_x, tmx)
@@ -277,42 +288,50 @@ def _fast_step(
             b *= f
             c_y = big_y
         if big_x > thr:
-            top, thr = _topk_insert_tile(top, lanes_k, x, valid, thr)
-    # x − c first (exact for nearby values), then the log2 scaling: z = (x − c)·log2 e
-    zx = (x - c_x) * _LOG2E
-    zy = (y - c_y) * _LOG2E
-    w = _exp2(zx, PTX)
-    v = _exp2(zy, PTX)
-    if MASKED:
-        w = tl.where(valid, w, 0.0)
-        v = tl.where(valid, v, 0.0)
+            for g in tl.static_range(G):
+                offs = start + g * SUB + lane
+                x, _, valid = _load_sub(ref_row, quant_row, offs, v_stop, MASKED)
+                top, thr = _topk_insert_tile(top, lanes_k, x, valid, thr)
     # t·log2 e with t = (y − c0_y) − (x − c0_x), from z and the anchors' offsets from c0
     k2 = ((c_y - c0_y) - (c_x - c0_x)) * _LOG2E
-    t2 = (zy - zx) + k2
-    e = _exp2m1(t2, PTX)
-    d = y - x  # masked lanes: 0 − 0
-    h_x += _row_sum(w * zx)
-    h_y += _row_sum(v * zy)
-    s_x += _row_sum(w)
-    s_y += _row_sum(v)
-    u += _row_sum(w * e)
-    a += _row_sum(w * t2)
-    b += _row_sum(v * t2)
-    xx += _row_sum(x * x)
-    yy += _row_sum(y * y)
-    dd += _row_sum(d * d)
+    for g in tl.static_range(G):
+        x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_stop, MASKED)
+        # x − c first (exact for nearby values), then the log2 scaling: z = (x − c)·log2 e
+        zx = (x - c_x) * _LOG2E
+        zy = (y - c_y) * _LOG2E
+        w = _exp2(zx, PTX)
+        v = _exp2(zy, PTX)
+        if MASKED:
+            w = tl.where(valid, w, 0.0)
+            v = tl.where(valid, v, 0.0)
+        t2 = (zy - zx) + k2
+        e = _exp2m1(t2, PTX)
+        d = y - x  # masked lanes: 0 − 0
+        h_x += _row_sum(w * zx)
+        h_y += _row_sum(v * zy)
+        s_x += _row_sum(w)
+        s_y += _row_sum(v)
+        u += _row_sum(w * e)
+        a += _row_sum(w * t2)
+        b += _row_sum(v * t2)
+        xx += _row_sum(x * x)
+        yy += _row_sum(y * y)
+        dd += _row_sum(d * d)
     return top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by
 
 
 @triton.jit
-def _first_index_of_max(row_ptr, tile_of_max, m, big, lane, v_stop):
+def _first_index_of_max(row_ptr, tile_of_max, m, big, lane, v_stop, G: tl.constexpr,
+                        SUB: tl.constexpr):  # fmt: skip
     """First position holding ``big`` (the maximum), given for each tile row the tile where its
     own maximum ``m`` first appeared: reread only the tile rows that hold ``big``."""
     hit = (m == big) & (tile_of_max >= 0)
-    offs = tile_of_max[None, :, None] + lane
-    mask = hit[None, :, None] & (offs < v_stop)
-    vals = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    first = tl.min(tl.min(tl.where(mask & (vals == big), offs, 2147483647), axis=2), axis=0)
+    first = tl.zeros_like(tile_of_max) + 2147483647
+    for g in tl.static_range(G):
+        offs = tile_of_max[:, None] + g * SUB + lane
+        mask = hit[:, None] & (offs < v_stop)
+        vals = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        first = tl.minimum(first, tl.min(tl.where(mask & (vals == big), offs, 2147483647), 1))
     return tl.min(first, axis=0)
 
 
@@ -334,7 +353,7 @@ def _fast_kernel(
     WRITE_PARTIAL: tl.constexpr,  # SPLITS > 1: store the partial state for the merge kernel
     NUM_STATE_: tl.constexpr,
     KP: tl.constexpr,  # power of two ≥ top_k
-    G: tl.constexpr,  # vectors per tile row; a tile is [G, ROWS, VEC]
+    G: tl.constexpr,  # sub-tiles per tile; a sub-tile is [ROWS, VEC]
     ROWS: tl.constexpr,  # tile rows (one per thread)
     VEC: tl.constexpr,  # contiguous elements per vector (16 bytes: one load)
     PTX: tl.constexpr,  # compiled for an NVIDIA GPU: exp2 through inline PTX
@@ -348,17 +367,14 @@ def _fast_kernel(
     quant_row = quant_ptr + row64 * quant_stride
     v_start = split * v_per_split
     v_stop = tl.minimum(v_start + v_per_split, V)
-    BLOCK: tl.constexpr = G * ROWS * VEC
-    lane = (
-        tl.arange(0, G)[:, None, None] * (ROWS * VEC)
-        + tl.arange(0, ROWS)[None, :, None] * VEC
-        + tl.arange(0, VEC)[None, None, :]
-    )
+    SUB: tl.constexpr = ROWS * VEC
+    BLOCK: tl.constexpr = G * SUB
+    lane = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     lanes_k = tl.arange(0, KP)
     f32 = tl.float32
 
     # The shift c0 of t = (y − c0_y) − (x − c0_x), and the first exp anchors: the maxima of the
-    # first tile, so t is small where the probability mass is.
+    # first sub-tile, so t is small where the probability mass is.
     first = v_start + lane
     first_ok = first < v_stop
     x0 = tl.load(ref_row + first, mask=first_ok, other=_NEG_INF).to(f32)
@@ -395,6 +411,7 @@ def _fast_kernel(
             _fast_step(
                 ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y,
                 c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, False, PTX,
+                G, SUB,
             )
         )  # fmt: skip
     if full_stop < v_stop:
@@ -402,6 +419,7 @@ def _fast_kernel(
             _fast_step(
                 ref_row, quant_row, full_stop, lane, v_stop, lanes_k, top, thr, c0_x, c0_y,
                 c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, True, PTX,
+                G, SUB,
             )
         )  # fmt: skip
 
@@ -422,8 +440,8 @@ def _fast_kernel(
     # NaN or ±inf anywhere makes Σx² or Σy² non-finite: such rows go to the general kernel.
     ok = (tl.abs(xx_all + yy_all) < _POS_INF) & (mx_all > _NEG_INF) & (my_all > _NEG_INF)
     n_here = (v_stop - v_start).to(f32)
-    ax_idx = _first_index_of_max(ref_row, bx, m_x, mx_all, lane, v_stop)
-    ay_idx = _first_index_of_max(quant_row, by, m_y, my_all, lane, v_stop)
+    ax_idx = _first_index_of_max(ref_row, bx, m_x, mx_all, lane, v_stop, G, SUB)
+    ay_idx = _first_index_of_max(quant_row, by, m_y, my_all, lane, v_stop, G, SUB)
     x_at_ay = tl.load(ref_row + ay_idx, mask=ay_idx < v_stop, other=_NEG_INF).to(f32)
     zero = tl.zeros([], f32)
     if not WRITE_PARTIAL:
@@ -825,21 +843,22 @@ def logit_compare_triton(
     on_gpu = dev.type == "cuda"
     if num_warps is None:
         num_warps = 4
-    # The fast kernel's tile is [G, ROWS, VEC]: VEC elements make one 16-byte load of the wider
-    # input dtype; on a GPU each of the 32·num_warps threads holds one tile row of G vectors
-    # (G = 2 by default: 128 registers, four 4-warp programs per SM on sm_90).
+    # The fast kernel's tile is G sub-tiles [ROWS, VEC]: VEC elements make one 16-byte load of
+    # the wider input dtype; on a GPU each of the 32·num_warps threads holds one row of each
+    # sub-tile (G = 4 by default: ~37 SASS instructions per logit, 128–168 registers, no
+    # spills on sm_90 with Triton 3.6 and 3.8; benchmarks/sass_report.py).
     vec = 16 // max(ref.element_size(), quant.element_size())
     if block_v is None:
-        block_v = 2 * 32 * num_warps * vec if on_gpu else 8192
+        block_v = 4 * 32 * num_warps * vec if on_gpu else 8192
     block_v = max(block_v, vec)
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if on_gpu:
         tile_rows = min(32 * num_warps, block_v // vec)
-        vectors_per_row = block_v // (tile_rows * vec)
+        sub_tiles = block_v // (tile_rows * vec)
     else:  # interpreter: few, wide tiles
-        vectors_per_row = min(4, block_v // vec)
-        tile_rows = block_v // (vectors_per_row * vec)
+        sub_tiles = min(4, block_v // vec)
+        tile_rows = block_v // (sub_tiles * vec)
     n_tiles = triton.cdiv(vocab, block_v)
     if splits is None:
         splits = min(n_tiles, max(1, triton.cdiv(_num_programs_wanted(dev), n)))
@@ -863,7 +882,7 @@ def logit_compare_triton(
         ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top, flag,
         n, vocab, v_per_split, ignore_index, top_k, splits,
         HAS_LABELS=has_labels, WRITE_PARTIAL=splits > 1, NUM_STATE_=NUM_STATE, KP=kp,
-        G=vectors_per_row, ROWS=tile_rows, VEC=vec, PTX=on_gpu and torch.version.hip is None,
+        G=sub_tiles, ROWS=tile_rows, VEC=vec, PTX=on_gpu and torch.version.hip is None,
         num_warps=num_warps,
     )  # fmt: skip
     if splits > 1:
