@@ -81,7 +81,7 @@ def variants(num_warps: int = 4, sub_tiles: int = 4) -> list[Variant]:
         types.pop(k)
     out.append(Variant("general bf16 labels", lc._general_kernel,
                        {k: v for k, v in types.items()},
-                       {"HAS_LABELS": True, "KP": 8, "BLOCK_V": 4096}, num_warps,
+                       {"HAS_LABELS": True, "KP": 8, "BLOCK_V": 2048}, num_warps,
                        must_not_spill=False))  # fmt: skip
     merge = _logit_types("bf16")
     merge.pop("V")

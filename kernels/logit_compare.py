@@ -895,11 +895,12 @@ def logit_compare_triton(
         )  # fmt: skip
     # Rows with −inf, +inf or NaN entries (flagged above) take the masked path; the other
     # programs only read their flag. On the CPU (interpreter) the launch is skipped when unused.
+    # Its per-lane sums need ~16 registers per lane: 1024-wide tiles keep the spill small.
     if on_gpu or bool(flag.any()):
         _general_kernel[(n,)](
             ref, ref.stride(0), quant, quant.stride(0), label_arg, out, flag,
             n, vocab, ignore_index, top_k,
-            HAS_LABELS=has_labels, KP=kp, BLOCK_V=min(block_v, 4096) if on_gpu else block_v,
+            HAS_LABELS=has_labels, KP=kp, BLOCK_V=min(block_v, 1024) if on_gpu else block_v,
             num_warps=num_warps,
         )  # fmt: skip
 
