@@ -23,7 +23,10 @@ timeout 120 python3 -m benchmarks.tune_logit_kernel --out "$out" 2>&1 | tee "$ou
 tune_rc=${PIPESTATUS[0]}
 # 3. The test suite on the GPU; tests whose extras are missing there (lm-eval, datasets) skip
 # themselves. Last, because compiling every kernel specialization takes most of its time.
-QMETRICS_TEST_DEVICE=cuda timeout 200 python3 -m pytest tests -q -p no:cacheprovider \
+# Every kernel specialization compiles once per process: spread them over 8 workers when
+# pytest-xdist is there (it is on the lent machines' image).
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+QMETRICS_TEST_DEVICE=cuda timeout 200 python3 -m pytest tests -q -p no:cacheprovider $parallel \
   --ignore=tests/test_sm90_compile.py 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 echo "benchmark exit $bench_rc, tuning exit $tune_rc, tests exit $tests_rc" | tee -a "$out/device.txt"
