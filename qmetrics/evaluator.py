@@ -231,9 +231,12 @@ class QuantizationEvaluator:
         sources = [LogitSource(m.model, self.logit_chunk_tokens) for m in pairs]
         ref_source = LogitSource(self.reference.model, self.logit_chunk_tokens)
         bar = _progress_bar(self.progress, total=len(batches), initial=start_batch)
+        # global window index of each batch's first window: a window's chunks are one sequence
+        first_window = np.cumsum([0, *(len(b) for b in batches)]).tolist()
         try:
             for b in range(start_batch, len(batches)):
-                self._run_batch(ids, batches[b], ref_source, sources, pairs, stats, figures)
+                self._run_batch(ids, batches[b], first_window[b], ref_source, sources, pairs,
+                                stats, figures)  # fmt: skip
                 done = b + 1
                 if self.checkpoint_dir and (
                     done % self.checkpoint_every == 0 or done == len(batches)
@@ -274,7 +277,10 @@ class QuantizationEvaluator:
             kl_quantiles=kl_quantiles,
         )
 
-    def _run_batch(self, ids, windows, ref_source, sources, pairs, stats, figures) -> None:
+    def _run_batch(
+        self, ids, windows, first_window, ref_source, sources, pairs, stats, figures
+    ) -> None:
+        window_ids = torch.arange(first_window, first_window + len(windows))
         input_ids = torch.stack([ids[w.begin : w.end] for w in windows])
         labels = torch.stack([w.labels(ids) for w in windows])
         n_tokens = input_ids.numel()
@@ -307,7 +313,10 @@ class QuantizationEvaluator:
                 lab = labels[:, sl].to(dev)
                 if not bool((lab != -100).any()):
                     continue
-                st.update_metrics(compare_logits(ref_logits.to(dev), logits, lab, top_k=self.top_k))
+                st.update_metrics(
+                    compare_logits(ref_logits.to(dev), logits, lab, top_k=self.top_k),
+                    sequence_ids=window_ids,
+                )
 
     @staticmethod
     def _timed(source: LogitSource, fig: ModelFigures, fn, input_ids, n_tokens):

@@ -31,6 +31,19 @@ n = n_a + n_b and δ = mean_b − mean_a:
 All metrics share one count, since a row is scored for all of them or for none. The per-token
 ``kl`` and ``delta_p`` of the scored rows are kept too (float32, on CPU, appended chunk-wise;
 4 bytes per token each), for exact percentiles, max and min.
+
+Sequences. Tokens of one sequence are correlated (a hard passage raises every token's KL), so
+the iid standard error s/√n is optimistic. A *sequence* is one index of the leading dim of an
+update with ≥ 2 dims ([B, T, V] logits: B sequences), or the whole update for 1-D input; with
+``sequence_ids`` (one int ≥ 0 per leading index) rows with the same id form one sequence across
+updates, merges and resumes (the evaluator passes window indices, since it feeds a window
+chunk by chunk). Per sequence b the state keeps its scored count n_b and the sums S_b of every
+metric and of the top-1/top-k matches (float64), and ``compute`` adds the cluster-robust
+(sandwich) standard error of every mean, with G sequences:
+
+    se_seq(mean)² = G/(G − 1) · Σ_b (S_b − n_b·mean)² / n²
+
+and the same delta-method propagation as the iid one. It is NaN with fewer than 2 sequences.
 """
 
 from __future__ import annotations
@@ -62,7 +75,9 @@ _I_NLL_QUANT = METRICS.index("nll_quant")
 REPORTED = tuple(m for m in METRICS if m != "delta_p_sq")
 #: Percentiles reported for kl and delta_p (numpy.percentile, linear interpolation).
 PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Columns of the per-sequence sums: every metric, then the top-1 and top-k match counts.
+BLOCK_COLS = (*METRICS, "top1_match", "topk_match")
 
 Reduction = Literal["sum", "chan", "cat"]
 
@@ -90,6 +105,9 @@ STATE: tuple[_StateSpec, ...] = (
     _StateSpec("comoment", "chan", torch.float64, ()),
     _StateSpec("kl_values", "cat", torch.float32, (-1,)),
     _StateSpec("delta_p_values", "cat", torch.float32, (-1,)),
+    _StateSpec("seq_id", "cat", torch.int64, (-1,)),  # caller's sequence id, −1: unnamed
+    _StateSpec("seq_n", "cat", torch.int64, (-1,)),  # scored rows per sequence
+    _StateSpec("seq_sums", "cat", torch.float64, (-1,)),  # [sequences × BLOCK_COLS], flattened
 )
 _SETTINGS = ("version", "top_k", "ignore_index", "has_labels")
 # Concatenate the value chunks once this many have piled up (bounds per-chunk overhead).
@@ -148,13 +166,19 @@ def _json_float(x: float) -> float | str | None:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A value and its standard error (NaN when undefined, e.g. with a single token)."""
+    """A value, its iid standard error and its per-sequence (cluster-robust) standard error
+    (NaN when undefined, e.g. with a single token, or a single sequence for ``stderr_seq``)."""
 
     value: float
     stderr: float
+    stderr_seq: float = math.nan
 
     def to_dict(self) -> dict[str, float | str | None]:
-        return {"value": _json_float(self.value), "stderr": _json_float(self.stderr)}
+        return {
+            "value": _json_float(self.value),
+            "stderr": _json_float(self.stderr),
+            "stderr_seq": _json_float(self.stderr_seq),
+        }
 
 
 @dataclass(frozen=True)
@@ -198,6 +222,7 @@ class LogitStatsResult:
     ppl_ratio: Estimate | None = None
     ppl_diff: Estimate | None = None
     nll_correlation: float | None = None
+    sequences: int = 0
 
     @property
     def has_labels(self) -> bool:
@@ -209,11 +234,11 @@ class LogitStatsResult:
 
         Floats that are NaN (undefined, e.g. a standard error from one token) become None;
         ±inf become the strings ``"inf"`` / ``"-inf"``. Label sections are None without labels.
-        Layout: ``top_k``, ``counts`` {seen, scored, ignored, nonfinite}, ``means``
-        {metric: {value, stderr}}, ``agreement`` {top1, topk: {value, stderr}},
+        Layout: ``top_k``, ``counts`` {seen, scored, ignored, nonfinite, sequences}, ``means``
+        {metric: {value, stderr, stderr_seq}}, ``agreement`` {top1, topk: {…}},
         ``kl_distribution`` / ``delta_p_distribution`` {max, min, percentiles {"99.9": ...}},
-        ``rms_delta_p`` {value, stderr}, ``perplexity`` {ppl_ref, ppl_quant, ln_ppl_ratio,
-        ppl_ratio, ppl_diff: {value, stderr}, nll_correlation}.
+        ``rms_delta_p`` {…}, ``perplexity`` {ppl_ref, ppl_quant, ln_ppl_ratio, ppl_ratio,
+        ppl_diff: {value, stderr, stderr_seq}, nll_correlation}.
         """
 
         def opt(x: Estimate | Distribution | None) -> dict[str, Any] | None:
@@ -238,6 +263,7 @@ class LogitStatsResult:
                 "scored": self.tokens_scored,
                 "ignored": self.tokens_ignored,
                 "nonfinite": self.tokens_nonfinite,
+                "sequences": self.sequences,
             },
             "means": {name: est.to_dict() for name, est in self.means.items()},
             "agreement": {
@@ -296,9 +322,15 @@ class LogitStats:
         return int(self._state["seen"])
 
     def update(
-        self, ref: torch.Tensor, quant: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        ref: torch.Tensor,
+        quant: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        sequence_ids: torch.Tensor | None = None,
     ) -> None:
-        """Compare one batch of logits [..., V] (and labels [...]) and fold the result in."""
+        """Compare one batch of logits [..., V] (and labels [...]) and fold the result in.
+        ``sequence_ids``: see :meth:`update_metrics`."""
         self._check_not_synced("update")
         tm = compare_logits(
             ref,
@@ -308,13 +340,18 @@ class LogitStats:
             ignore_index=self.ignore_index,
             backend=self.backend,
         )
-        self.update_metrics(tm)
+        self.update_metrics(tm, sequence_ids=sequence_ids)
 
-    def update_metrics(self, tm: TokenMetrics) -> None:
+    def update_metrics(self, tm: TokenMetrics, *, sequence_ids: torch.Tensor | None = None) -> None:
         """Fold in precomputed per-token metrics (e.g. from :func:`qmetrics.compare_logits`).
 
-        Raises ``ValueError`` if ``tm.top_k`` differs from this accumulator's, or if labels are
-        present here but were absent in earlier batches (or the reverse).
+        ``sequence_ids``: one int ≥ 0 per index of the leading dim (or one for 1-D metrics);
+        rows with equal ids count as one sequence for ``stderr_seq``, also across updates.
+        Without it every leading index of every update is a sequence of its own.
+
+        Raises ``ValueError`` if ``tm.top_k`` differs from this accumulator's, if labels are
+        present here but were absent in earlier batches (or the reverse), or if
+        ``sequence_ids`` has the wrong size or negative entries.
         """
         self._check_not_synced("update")
         if tm.top_k != self.top_k:
@@ -322,7 +359,7 @@ class LogitStats:
                 f"top_k mismatch: metrics have top_k={tm.top_k}, expected {self.top_k}"
             )
         self._check_labels(tm.has_labels, "this batch")
-        batch = _batch_state(tm)
+        batch = _batch_state(tm, sequence_ids)
         self._state = _combine(self._state, batch)
         self._has_labels = tm.has_labels
         self._compact()
@@ -380,6 +417,11 @@ class LogitStats:
         ints). Raises ``ValueError`` on missing keys, bad shapes or dtypes, or a top_k /
         ignore_index different from this accumulator's."""
         self._check_not_synced("load_state_dict")
+        if "version" in sd and _as_int(sd["version"], "version") == 1:
+            # version 1 had no per-sequence sums: stderr_seq is NaN for such a run
+            empty = torch.zeros(0, dtype=torch.int64)
+            sd = {**sd, "version": STATE_VERSION, "seq_id": empty, "seq_n": empty,
+                  "seq_sums": torch.zeros(0, dtype=torch.float64)}  # fmt: skip
         missing = [k for k in (*_SETTINGS, *(s.name for s in STATE)) if k not in sd]
         if missing:
             raise ValueError(f"state dict lacks {missing}")
@@ -411,6 +453,16 @@ class LogitStats:
             raise ValueError(
                 f"state dict holds {n_dp} delta_p values for n={int(state['n'])}, "
                 f"has_labels={settings['has_labels']}"
+            )
+        n_seq = len(state["seq_n"][0])
+        if len(state["seq_id"][0]) != n_seq:
+            raise ValueError(
+                f"state dict holds {len(state['seq_id'][0])} ids for {n_seq} sequences"
+            )
+        if len(state["seq_sums"][0]) != n_seq * len(BLOCK_COLS):
+            raise ValueError(
+                f"state dict holds {len(state['seq_sums'][0])} per-sequence sums for {n_seq} "
+                f"sequences × {len(BLOCK_COLS)} columns"
             )
         self._state = state
         self._has_labels = None if settings["has_labels"] < 0 else bool(settings["has_labels"])
@@ -531,12 +583,22 @@ class LogitStats:
         m2 = st["m2"].tolist()
         var = [v / (n - 1) if n > 1 else math.nan for v in m2]
         se = [math.sqrt(v / n) if n > 1 else math.nan for v in var]
+        seq_cov, sequences = _sequence_covariance(st, n, mean)
+        ses = [math.sqrt(max(float(seq_cov[i, i]), 0.0)) for i in range(len(BLOCK_COLS))]
         used = METRICS if self._has_labels else METRICS[:N_BASE]
-        means = {name: Estimate(mean[i], se[i]) for i, name in enumerate(used) if name in REPORTED}
+        means = {
+            name: Estimate(mean[i], se[i], ses[i])
+            for i, name in enumerate(used)
+            if name in REPORTED
+        }
 
-        def agreement(matches: int) -> Estimate:
+        def agreement(matches: int, col: str) -> Estimate:
             p = matches / n
-            return Estimate(p, math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else math.nan)
+            return Estimate(
+                p,
+                math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else math.nan,
+                ses[BLOCK_COLS.index(col)],
+            )
 
         kwargs: dict[str, Any] = {}
         if self._has_labels:
@@ -549,14 +611,27 @@ class LogitStats:
             diff_var = (ppl_q * se_q) ** 2 + (ppl_r * se_r) ** 2 - 2.0 * ppl_q * ppl_r * cov
             rms = math.sqrt(mean[i_sq])
             denom = math.sqrt(m2[i_r] * m2[i_q])
+            seq_diff_var = (
+                (ppl_q * ses[i_q]) ** 2
+                + (ppl_r * ses[i_r]) ** 2
+                - 2.0 * ppl_q * ppl_r * float(seq_cov[i_r, i_q])
+            )
             kwargs.update(
                 delta_p_distribution=_distribution(st["delta_p_values"][0]),
-                rms_delta_p=Estimate(rms, se[i_sq] / (2.0 * rms) if rms > 0 else math.nan),
-                ppl_ref=Estimate(ppl_r, ppl_r * se_r),
-                ppl_quant=Estimate(ppl_q, ppl_q * se_q),
-                ln_ppl_ratio=Estimate(mean[i_d], se[i_d]),
-                ppl_ratio=Estimate(ratio, ratio * se[i_d]),
-                ppl_diff=Estimate(ppl_q - ppl_r, math.sqrt(max(diff_var, 0.0))),
+                rms_delta_p=Estimate(
+                    rms,
+                    se[i_sq] / (2.0 * rms) if rms > 0 else math.nan,
+                    ses[i_sq] / (2.0 * rms) if rms > 0 else math.nan,
+                ),
+                ppl_ref=Estimate(ppl_r, ppl_r * se_r, ppl_r * ses[i_r]),
+                ppl_quant=Estimate(ppl_q, ppl_q * se_q, ppl_q * ses[i_q]),
+                ln_ppl_ratio=Estimate(mean[i_d], se[i_d], ses[i_d]),
+                ppl_ratio=Estimate(ratio, ratio * se[i_d], ratio * ses[i_d]),
+                ppl_diff=Estimate(
+                    ppl_q - ppl_r,
+                    math.sqrt(max(diff_var, 0.0)),
+                    math.sqrt(max(seq_diff_var, 0.0)) if seq_diff_var == seq_diff_var else math.nan,
+                ),
                 nll_correlation=float(st["comoment"]) / denom if denom > 0 else math.nan,
             )
         return LogitStatsResult(
@@ -566,8 +641,9 @@ class LogitStats:
             tokens_ignored=ignored,
             tokens_nonfinite=nonfinite,
             means=means,
-            top1_agreement=agreement(int(st["top1_matches"])),
-            topk_agreement=agreement(int(st["topk_matches"])),
+            top1_agreement=agreement(int(st["top1_matches"]), "top1_match"),
+            topk_agreement=agreement(int(st["topk_matches"]), "topk_match"),
+            sequences=sequences,
             kl_distribution=_distribution(st["kl_values"][0]),
             **kwargs,
         )
@@ -615,8 +691,22 @@ class LogitStats:
                 self._state[spec.name] = [joined]
 
 
-def _batch_state(tm: TokenMetrics) -> State:
-    """The state of one batch of per-token metrics (moments reduced on the metrics' device)."""
+def _batch_state(tm: TokenMetrics, sequence_ids: torch.Tensor | None = None) -> State:
+    """The state of one batch of per-token metrics (moments reduced on the metrics' device).
+
+    Sequences: the leading dim when the metrics have ≥ 2 dims, else the whole batch."""
+    sequences = tm.kl.shape[0] if tm.kl.dim() >= 2 else 1
+    if sequence_ids is None:
+        ids = torch.full((sequences,), -1, dtype=torch.int64)
+    else:
+        ids = torch.as_tensor(sequence_ids).reshape(-1).to("cpu", torch.int64)
+        if ids.numel() != sequences:
+            raise ValueError(
+                f"sequence_ids has {ids.numel()} entries for {sequences} sequences "
+                f"(metrics of shape {tuple(tm.kl.shape)})"
+            )
+        if bool((ids < 0).any()):
+            raise ValueError("sequence_ids must be ≥ 0")
     tm = tm.flatten()
     dev = tm.kl.device
     if dev.type == "mps":  # no float64 there
@@ -651,7 +741,49 @@ def _batch_state(tm: TokenMetrics) -> State:
         state["kl_values"].append(tm.kl[valid].float().cpu())
         if tm.has_labels:
             state["delta_p_values"].append(delta_p[valid].float().cpu())
+        # per-sequence counts and sums (sequences with no scored row are left out)
+        seq = torch.arange(x.shape[0], device=x.device) // max(1, x.shape[0] // sequences)
+        seq = seq[valid]
+        matches = torch.stack([tm.top1_match[valid], tm.topk_match[valid]], dim=1).double()
+        cols = torch.zeros(xv.shape[0], len(BLOCK_COLS), dtype=torch.float64, device=x.device)
+        cols[:, :used] = xv
+        cols[:, len(METRICS) :] = matches
+        sums = torch.zeros(sequences, len(BLOCK_COLS), dtype=torch.float64, device=x.device)
+        sums.index_add_(0, seq, cols)
+        counts = torch.bincount(seq, minlength=sequences)
+        keep = counts > 0
+        state["seq_id"].append(ids[keep.cpu()])
+        state["seq_n"].append(counts[keep].cpu())
+        state["seq_sums"].append(sums[keep].reshape(-1).cpu())
     return state
+
+
+def _sequence_covariance(st: State, n: int, mean: list[float]) -> tuple[np.ndarray, int]:
+    """Cluster-robust covariance of the means of every :data:`BLOCK_COLS` column, clustered
+    by sequence: G/(G − 1) · Σ_b r_b r_bᵀ / n² with r_b = S_b − n_b·mean. NaN with fewer than
+    2 sequences, or when the sequences do not cover the n scored rows (a version-1 state)."""
+    cols = len(BLOCK_COLS)
+    counts = st["seq_n"][0].numpy() if st["seq_n"] else np.zeros(0, dtype=np.int64)
+    sums = st["seq_sums"][0].numpy().reshape(-1, cols) if st["seq_sums"] else np.zeros((0, cols))
+    ids = st["seq_id"][0].numpy() if st["seq_id"] else np.zeros(0, dtype=np.int64)
+    named = ids >= 0  # rows with one id are one sequence; unnamed ones stand alone
+    if named.any():
+        uniq, inverse = np.unique(ids[named], return_inverse=True)
+        named_counts = np.zeros(len(uniq), dtype=np.int64)
+        named_sums = np.zeros((len(uniq), cols))
+        np.add.at(named_counts, inverse, counts[named])
+        np.add.at(named_sums, inverse, sums[named])
+        counts = np.concatenate([counts[~named], named_counts])
+        sums = np.concatenate([sums[~named], named_sums])
+    g = len(counts)
+    if g < 2 or int(counts.sum()) != n:
+        return np.full((cols, cols), math.nan), g
+    full_mean = np.concatenate(
+        [np.asarray(mean, dtype=np.float64),
+         [float(st["top1_matches"]) / n, float(st["topk_matches"]) / n]]
+    )  # fmt: skip
+    resid = sums - counts[:, None] * full_mean[None, :]
+    return g / (g - 1) * (resid.T @ resid) / float(n) ** 2, g
 
 
 def _distribution(values: torch.Tensor) -> Distribution:

@@ -2,7 +2,7 @@
 
 Everything here reads the report dict (the JSON body of
 :meth:`qmetrics.evaluator.EvaluationResult.to_dict`): ``settings``, ``reference``,
-``tokens_total``, ``windows``, ``models`` {name: {perplexity {value, stderr}, figures
+``tokens_total``, ``windows``, ``models`` {name: {perplexity {value, stderr, stderr_seq}, figures
 {forward_seconds, tokens, tokens_per_second, peak_memory_mb}, origin}}, ``comparisons``
 {name: :meth:`qmetrics.logit_stats.LogitStatsResult.to_dict`}, ``environment`` and
 ``kl_quantiles`` {name: per-token KL at the quantile levels 0, 0.001, ..., 1}. Missing pieces
@@ -59,8 +59,10 @@ def as_number(x: Any) -> float | None:
 
 
 def _est(d: Any) -> tuple[float | None, float | None]:
-    """(value, stderr) of an ``{value, stderr}`` dict; (None, None) when absent."""
-    return as_number(dig(d, "value")), as_number(dig(d, "stderr"))
+    """(value, error) of an ``{value, stderr, stderr_seq}`` dict: the per-window (clustered)
+    standard error where there is one, else the per-token one; (None, None) when absent."""
+    err = as_number(dig(d, "stderr_seq"))
+    return as_number(dig(d, "value")), err if err is not None else as_number(dig(d, "stderr"))
 
 
 def _candidates(report: Mapping[str, Any]) -> list[str]:
@@ -268,8 +270,10 @@ HOW_TO_READ = (
     "likely. *RMS Δp* is the root mean square change in the probability given to the actual "
     "next token. *ln PPL ratio* = mean(NLL_cand − NLL_ref) is computed per token pair, so its "
     "standard error is far smaller than the error of either perplexity; ΔPPL % = 100·(PPL "
-    "ratio − 1) comes from it. Errors are ± one standard error over tokens (tokens within a "
-    "window are correlated, so treat them as optimistic). Non-finite rows (NaN/inf logits, or "
+    "ratio − 1) comes from it. Errors are ± one standard error clustered by window "
+    "(cluster-robust: tokens within a window are correlated, so errors over tokens treated "
+    "as independent would be too small; report.json holds both, `stderr_seq` and `stderr`). "
+    "Non-finite rows (NaN/inf logits, or "
     "infinite KL) are counted and left out of every statistic."
 )
 

@@ -239,11 +239,114 @@ def test_update_equals_update_metrics() -> None:
     assert a.compute() == b.compute()
 
 
+def _without_sequence_stats(d):
+    """A result dict without the fields that depend on how tokens group into sequences."""
+    if isinstance(d, dict):
+        return {k: _without_sequence_stats(v) for k, v in d.items()
+                if k not in ("stderr_seq", "sequences")}  # fmt: skip
+    return d
+
+
 def test_leading_dims_are_flattened() -> None:
+    # the same tokens give the same statistics flat or as [sequences, T]; only the
+    # per-sequence standard errors and the sequence count depend on the grouping
     ref, quant, labels = make_batch(24, 5)
-    flat = run([(ref, quant, labels)])
-    shaped = run([(ref.view(4, 6, V), quant.view(4, 6, V), labels.view(4, 6))])
-    assert flat.compute() == shaped.compute()
+    flat = run([(ref, quant, labels)]).compute()
+    shaped = run([(ref.view(4, 6, V), quant.view(4, 6, V), labels.view(4, 6))]).compute()
+    assert _without_sequence_stats(flat.to_dict()) == _without_sequence_stats(shaped.to_dict())
+    assert (flat.sequences, shaped.sequences) == (1, 4)
+    assert math.isnan(flat.means["kl"].stderr_seq)
+    assert math.isfinite(shaped.means["kl"].stderr_seq)
+
+
+def _clustered_batches(seed: int = 3, sequences: int = 6, length: int = 40):
+    """[B, T, V] logits whose quantization noise differs by sequence (0.2 to 2.0): the
+    tokens of a sequence share their KL level, as passages of real text do."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 2.0, sequences)[:, None, None]
+    ref = 3.0 * torch.randn(sequences, length, V, generator=g)
+    quant = ref + scale * torch.randn(sequences, length, V, generator=g)
+    lab = torch.multinomial(torch.softmax(ref, -1).view(-1, V), 1, generator=g)
+    lab = lab.view(sequences, length)
+    lab[0, :5] = -100  # some ignored rows: sequences have different counts
+    return ref, quant, lab
+
+
+def test_sequence_stderr_is_the_cluster_robust_formula() -> None:
+    ref, quant, lab = _clustered_batches()
+    stats = LogitStats(backend="torch")
+    stats.update(ref[:4], quant[:4], lab[:4])  # two updates: sequences from both count
+    stats.update(ref[4:], quant[4:], lab[4:])
+    res = stats.compute()
+    tm = compare_logits(ref, quant, lab, backend="torch")
+    keep = tm.scored & tm.finite
+    x = {"kl": tm.kl, "nll_diff": tm.nll_quant.double() - tm.nll_ref.double(),
+         "top1": tm.top1_match.double()}  # fmt: skip
+    n = int(keep.sum())
+    g = ref.shape[0]
+    for name, values in x.items():
+        v = values.double()
+        mean = float(v[keep].sum()) / n
+        resid = [float(v[b][keep[b]].sum()) - int(keep[b].sum()) * mean for b in range(g)]
+        expected = math.sqrt(g / (g - 1) * sum(r * r for r in resid) / n**2)
+        got = {"kl": res.means["kl"], "nll_diff": res.ln_ppl_ratio,
+               "top1": res.top1_agreement}[name]  # fmt: skip
+        assert got.stderr_seq == pytest.approx(expected, rel=1e-9), name
+    assert res.sequences == g
+    # the point of it: with KL levels that differ by sequence, the iid error is far too small
+    assert res.means["kl"].stderr_seq > 3 * res.means["kl"].stderr
+    assert res.ppl_ratio.stderr_seq == pytest.approx(
+        res.ppl_ratio.value * res.ln_ppl_ratio.stderr_seq
+    )
+
+
+def test_sequence_stats_survive_merge_and_state_dict() -> None:
+    ref, quant, lab = _clustered_batches(seed=4)
+    whole = LogitStats(backend="torch")
+    whole.update(ref, quant, lab)
+    a, b = LogitStats(backend="torch"), LogitStats(backend="torch")
+    a.update(ref[:2], quant[:2], lab[:2])
+    b.update(ref[2:], quant[2:], lab[2:])
+    merged = LogitStats.from_state_dict(a.merge(b).state_dict())
+    want, got = whole.compute(), merged.compute()
+    assert got.sequences == want.sequences == ref.shape[0]
+    for name in ("kl", "cosine", "nll_diff"):
+        assert got.means[name].stderr_seq == pytest.approx(want.means[name].stderr_seq, rel=1e-9)
+    assert got.ppl_diff.stderr_seq == pytest.approx(want.ppl_diff.stderr_seq, rel=1e-9)
+
+
+def test_sequence_ids_join_chunks_of_one_sequence() -> None:
+    # a window fed in two chunks with its id counts once: the same as feeding it whole
+    ref, quant, lab = _clustered_batches(seed=6)
+    whole = LogitStats(backend="torch")
+    whole.update(ref, quant, lab)
+    chunked = LogitStats(backend="torch")
+    ids = torch.arange(ref.shape[0]) + 100
+    for sl in (slice(0, 15), slice(15, None)):
+        chunked.update(ref[:, sl], quant[:, sl], lab[:, sl], sequence_ids=ids)
+    want, got = whole.compute(), chunked.compute()
+    assert got.sequences == want.sequences == ref.shape[0]
+    assert got.means["kl"].stderr_seq == pytest.approx(want.means["kl"].stderr_seq, rel=1e-9)
+    unnamed = LogitStats(backend="torch")
+    for sl in (slice(0, 15), slice(15, None)):
+        unnamed.update(ref[:, sl], quant[:, sl], lab[:, sl])
+    assert unnamed.compute().sequences == 2 * ref.shape[0]
+    with pytest.raises(ValueError, match="sequence_ids has 2 entries for 6 sequences"):
+        chunked.update(ref, quant, lab, sequence_ids=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="≥ 0"):
+        chunked.update(ref, quant, lab, sequence_ids=-ids)
+
+
+def test_version_1_state_dict_loads_without_sequence_stats() -> None:
+    ref, quant, lab = _clustered_batches(seed=5)
+    stats = LogitStats(backend="torch")
+    stats.update(ref, quant, lab)
+    sd = stats.state_dict()
+    old = {k: v for k, v in sd.items() if k not in ("seq_id", "seq_n", "seq_sums")}
+    old["version"] = torch.tensor(1)
+    res = LogitStats.from_state_dict(old).compute()
+    assert math.isnan(res.means["kl"].stderr_seq)
+    assert res.means["kl"].value == stats.compute().means["kl"].value
 
 
 def test_ignored_rows_are_excluded() -> None:

@@ -37,13 +37,16 @@ def inputs(seed: int, rows: int, vocab: int):
     return ref, quant, labels
 
 
-@pytest.mark.parametrize(
-    ("block_v", "splits", "dtype"),
-    [(64, 1, torch.float32), (64, 2, torch.float32), (64, 3, torch.float32),
-     (32, 7, torch.float32), (128, 2, torch.float32), (64, 2, torch.bfloat16),
-     (128, 1, torch.float16)],
-)  # fmt: skip
-@pytest.mark.parametrize("top_k", [1, 16])
+# (tile width, splits, dtype, top_k): one split and several, uneven splits, many small tiles,
+# 16-bit inputs; top_k = 16 where the streaming top-k buffer crosses tiles and splits
+CASES = [
+    (64, 1, torch.float32, 1), (64, 1, torch.float32, 16), (64, 2, torch.float32, 16),
+    (64, 3, torch.float32, 1), (32, 7, torch.float32, 16), (128, 2, torch.float32, 1),
+    (64, 2, torch.bfloat16, 16), (64, 2, torch.bfloat16, 1), (128, 1, torch.float16, 16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("block_v", "splits", "dtype", "top_k"), CASES)
 def test_tiles_and_splits_match_reference(block_v, splits, dtype, top_k):
     from qmetrics.kernels.logit_compare import logit_compare_triton
 
