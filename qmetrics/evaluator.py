@@ -33,6 +33,7 @@ from qmetrics.functional import compare_logits
 from qmetrics.logit_source import LogitSource
 from qmetrics.logit_stats import Estimate, LogitStats, LogitStatsResult
 from qmetrics.models import ModelEntry
+from qmetrics.progress import progress_bar
 
 CHECKPOINT_META = "checkpoint.json"
 
@@ -230,7 +231,7 @@ class QuantizationEvaluator:
 
         sources = [LogitSource(m.model, self.logit_chunk_tokens) for m in pairs]
         ref_source = LogitSource(self.reference.model, self.logit_chunk_tokens)
-        bar = _progress_bar(self.progress, total=len(batches), initial=start_batch)
+        bar = progress_bar(self.progress, total=len(batches), initial=start_batch)
         # global window index of each batch's first window: a window's chunks are one sequence
         first_window = np.cumsum([0, *(len(b) for b in batches)]).tolist()
         try:
@@ -406,16 +407,6 @@ def _fingerprint(settings: dict[str, Any], ids: torch.Tensor) -> str:
     h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     h.update(ids.numpy().tobytes())
     return h.hexdigest()
-
-
-def _progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, unit="batch", desc="qmetrics", leave=False)
 
 
 def _environment() -> dict[str, Any]:

@@ -44,7 +44,7 @@ def _has_triton() -> bool:
     return True
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
     """View ``t`` as [N, V] with a contiguous last dim, copying only when no such view exists."""
     if t.stride(-1) != 1:
         t = t.contiguous()
@@ -81,7 +81,7 @@ def compare_logits(
         labels = labels.to(device=ref.device, dtype=torch.int64).reshape(-1)
     which = resolve_backend(backend, ref.device)
 
-    ref2, quant2 = _as_rows(ref), _as_rows(quant)
+    ref2, quant2 = as_rows(ref), as_rows(quant)
     if which == "triton":
         from qmetrics.kernels.logit_compare import logit_compare_triton
 

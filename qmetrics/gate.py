@@ -197,7 +197,7 @@ def metric_value(report: Mapping[str, Any], candidate: str, metric: str) -> floa
     )
 
 
-def _format_value(x: float, threshold: float) -> str:
+def format_value(x: float, threshold: float) -> str:
     """``x`` with 4 significant digits, or more if needed to tell it apart from the threshold."""
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
@@ -230,6 +230,6 @@ def check_gate(thresholds: Iterable[Threshold], report: Mapping[str, Any]) -> li
                 violations.append(f"{name}: {t.metric} not available (gate: {t})")
             elif t.broken_by(x):
                 violations.append(
-                    f"{name}: {t.metric} = {_format_value(x, t.value)} {t.op} {t.value:g}"
+                    f"{name}: {t.metric} = {format_value(x, t.value)} {t.op} {t.value:g}"
                 )
     return violations

@@ -39,12 +39,13 @@ import torch
 from torch import nn
 
 from qmetrics.corpus import make_windows
-from qmetrics.evaluator import _progress_bar
 from qmetrics.functional import Backend, compare_logits
+from qmetrics.json_values import json_float
 from qmetrics.layer_stats import LayerErrors, LayerStats
 from qmetrics.logit_source import LogitSource
-from qmetrics.logit_stats import Estimate, LogitStats, _json_float
+from qmetrics.logit_stats import Estimate, LogitStats
 from qmetrics.models import ModelEntry
+from qmetrics.progress import progress_bar
 from qmetrics.rtn_quantize import QuantSpec, quantize_module
 
 #: Selection presets: decoder blocks, attention modules, MLPs, every Linear but the output head.
@@ -376,7 +377,7 @@ def analyze_layers(
     ref_mods = {n: ref.model.get_submodule(n) for n in compared}
     cand_mods = {n: cand.model.get_submodule(names[n]) for n in compared}
     hooks = _LayerHooks(ref_mods, cand_mods, input_matched, backend)
-    bar = _progress_bar(progress, total=len(batches), initial=0)
+    bar = progress_bar(progress, total=len(batches), initial=0)
     if bar is not None:
         bar.set_description("layers")
     tokens = 0
@@ -471,8 +472,8 @@ class AblationResult:
             "tokens": self.tokens,
             "units": [dict(u.to_dict(), rank=i + 1) for i, u in enumerate(self.units)],
             "joint": self.joint.to_dict(),
-            "sum_single_kl": _json_float(self.sum_kl),
-            "additivity": _json_float(self.additivity),
+            "sum_single_kl": json_float(self.sum_kl),
+            "additivity": json_float(self.additivity),
             "skipped": self.skipped,
         }
 
@@ -591,7 +592,7 @@ def run_ablation(
     source = LogitSource(model, logit_chunk_tokens)
     ref_hidden = [source.hidden(ids) for ids in batches]
     runs = [*kept.items(), (JOINT, list(dict.fromkeys(n for m in kept.values() for n in m)))]
-    bar = _progress_bar(progress, total=len(runs) * len(batches), initial=0)
+    bar = progress_bar(progress, total=len(runs) * len(batches), initial=0)
     if bar is not None:
         bar.set_description("ablation")
     results: list[UnitResult] = []

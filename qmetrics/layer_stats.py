@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from qmetrics.functional import Backend, _as_rows, resolve_backend
-from qmetrics.logit_stats import Estimate, _json_float
+from qmetrics.functional import Backend, as_rows, resolve_backend
+from qmetrics.json_values import json_float
+from qmetrics.logit_stats import Estimate
 from qmetrics.validation import FLOAT_DTYPES
 
 SUM_KEYS = ("ref_sq", "cand_sq", "dot", "diff_sq")
@@ -76,7 +77,7 @@ def hidden_row_sums(
     """
     check_hidden_pair(ref, cand)
     which = resolve_backend(backend, ref.device)
-    ref2, cand2 = _as_rows(ref), _as_rows(cand)
+    ref2, cand2 = as_rows(ref), as_rows(cand)
     if which == "triton":
         from qmetrics.kernels.hidden_compare import hidden_compare_triton
 
@@ -109,12 +110,12 @@ class LayerErrors:
             "elements": self.elements,
             "nonfinite_rows": self.nonfinite_rows,
             "nonfinite_values": self.nonfinite_values,
-            "mse": _json_float(self.mse),
-            "rel_error": _json_float(self.rel_error),
+            "mse": json_float(self.mse),
+            "rel_error": json_float(self.rel_error),
             "cosine": self.cosine.to_dict(),
-            "snr_db": _json_float(self.snr_db),
-            "max_abs_error": _json_float(self.max_abs_error),
-            "ref_rms": _json_float(self.ref_rms),
+            "snr_db": json_float(self.snr_db),
+            "max_abs_error": json_float(self.max_abs_error),
+            "ref_rms": json_float(self.ref_rms),
         }
 
 

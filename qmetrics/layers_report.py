@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qmetrics.json_values import json_safe
 from qmetrics.report import (
     NA,
     PlotUnavailableError,
-    _json_safe,
     as_number,
     fmt_count,
     fmt_pct,
@@ -197,7 +197,7 @@ def write_layer_reports(report: Mapping[str, Any], out_dir: str | Path) -> dict[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / JSON_NAME}
-    paths["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     try:
         paths["plot"] = plot_layers(report, out / PLOT_NAME)
     except PlotUnavailableError:

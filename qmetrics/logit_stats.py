@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from qmetrics.functional import Backend, compare_logits
+from qmetrics.json_values import json_float
 from qmetrics.token_metrics import FLOAT_FIELDS, TokenMetrics
 
 #: Metrics with moments, in state order. The first 6 are always present; the rest need labels.
@@ -154,16 +155,6 @@ def _combine(a: State, b: State) -> State:
     return out
 
 
-def _json_float(x: float) -> float | str | None:
-    """JSON-safe float: NaN → None, ±inf → "inf" / "-inf", anything else a Python float."""
-    x = float(x)
-    if math.isnan(x):
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A value, its iid standard error and its per-sequence (cluster-robust) standard error
@@ -175,9 +166,9 @@ class Estimate:
 
     def to_dict(self) -> dict[str, float | str | None]:
         return {
-            "value": _json_float(self.value),
-            "stderr": _json_float(self.stderr),
-            "stderr_seq": _json_float(self.stderr_seq),
+            "value": json_float(self.value),
+            "stderr": json_float(self.stderr),
+            "stderr_seq": json_float(self.stderr_seq),
         }
 
 
@@ -191,9 +182,9 @@ class Distribution:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "max": _json_float(self.max),
-            "min": _json_float(self.min),
-            "percentiles": {f"{p:g}": _json_float(v) for p, v in self.percentiles.items()},
+            "max": json_float(self.max),
+            "min": json_float(self.min),
+            "percentiles": {f"{p:g}": json_float(v) for p, v in self.percentiles.items()},
         }
 
 
@@ -252,7 +243,7 @@ class LogitStatsResult:
                 "ln_ppl_ratio": opt(self.ln_ppl_ratio),
                 "ppl_ratio": opt(self.ppl_ratio),
                 "ppl_diff": opt(self.ppl_diff),
-                "nll_correlation": _json_float(
+                "nll_correlation": json_float(
                     math.nan if self.nll_correlation is None else self.nll_correlation
                 ),
             }

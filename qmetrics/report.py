@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qmetrics.json_values import json_safe
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -446,27 +448,6 @@ def plot_kl_cdf(report: Mapping[str, Any], path: str | Path) -> Path:
 # --- files ------------------------------------------------------------------------------------
 
 
-def _json_safe(x: Any) -> Any:
-    """``x`` with NaN → None and ±inf → "inf" / "-inf" (the convention of
-    :meth:`LogitStatsResult.to_dict`), numpy scalars as Python numbers, other objects as str."""
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    if isinstance(x, float):
-        if math.isnan(x):
-            return None
-        return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
-    if hasattr(x, "item") and hasattr(x, "dtype"):  # numpy / torch scalars
-        try:
-            return _json_safe(x.item())
-        except (TypeError, ValueError):
-            pass
-    return str(x)
-
-
 def write_reports(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``kl_cdf.png`` (when it can be drawn) and ``report.md`` into
     ``out_dir`` (created if needed). Returns the paths written, keyed "json", "plot" (only when
@@ -477,7 +458,7 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
     paths: dict[str, Path] = {}
 
     json_path = out / JSON_NAME
-    json_path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     paths["json"] = json_path
 
     plot_path = out / PLOT_NAME

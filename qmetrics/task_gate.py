@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qmetrics.gate import OPERATORS, _format_value
+from qmetrics.gate import OPERATORS, format_value
 
 #: the quantities a clause can test, with what they mean
 QUANTITIES: dict[str, str] = {
@@ -124,7 +124,7 @@ def check_task_gate(rules: list[list[TaskClause]], report: Mapping[str, Any]) ->
                     f"{label} {m['metric']}: {', '.join(missing)} not available (gate: {gate})"
                 )
             elif all(OPERATORS[c.op](v, c.value) for c, v in zip(rule, values, strict=True)):
-                parts = [f"{c.quantity} = {_format_value(v, c.value)} {c.op} {c.value:g}"
+                parts = [f"{c.quantity} = {format_value(v, c.value)} {c.op} {c.value:g}"
                          for c, v in zip(rule, values, strict=True)]  # fmt: skip
                 violations.append(f"{label} {m['metric']}: " + " and ".join(parts))
     return violations

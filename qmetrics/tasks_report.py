@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qmetrics.json_values import json_safe
 from qmetrics.report import (
     NA,
-    _json_safe,
     _key_value_section,
     _md_table,
     as_number,
@@ -196,7 +196,7 @@ def write_task_reports(report: Mapping[str, Any], out_dir: str | Path) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}
-    paths["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown_report(report), encoding="utf-8")
     return paths
 
