@@ -255,7 +255,7 @@ def _fast_step(
     h = Σ w (x − c) never cancels badly; t keeps the fixed shift c0. That check and the top-k
     update share one cross-thread max per tile. z, h, a and b are in log2 units (× log2 e).
     The second pass reloads the sub-tiles: the compiler reuses the first loads' registers."""
-    tmx = m_x * 0.0 + _NEG_INF
+    tmx = tl.zeros_like(m_x) + _NEG_INF
     tmy = tmx
     for g in tl.static_range(G):
         x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_stop, MASKED)
