@@ -301,10 +301,11 @@ def _fast_step(
         zy = (y - c_y) * _LOG2E
         w = _exp2(zx, PTX)
         v = _exp2(zy, PTX)
-        if MASKED:
+        t2 = (zy - zx) + k2
+        if MASKED:  # masked lanes read 0: t2 there is (c0_x − c0_y)·log2 e, which may overflow
             w = tl.where(valid, w, 0.0)
             v = tl.where(valid, v, 0.0)
-        t2 = (zy - zx) + k2
+            t2 = tl.where(valid, t2, 0.0)
         e = _exp2m1(t2, PTX)
         d = y - x  # masked lanes: 0 − 0
         h_x += _row_sum(w * zx)

@@ -63,3 +63,21 @@ def test_tiles_and_splits_match_reference(block_v, splits, dtype, top_k):
         else:
             ok = torch.isclose(g.double(), e, rtol=1e-5, atol=TOL[name], equal_nan=True)
             assert bool((ok | (g.double() == e)).all()), f"{name}: {g} vs {e}"
+
+
+@pytest.mark.parametrize("block_v", [64, 8192])
+def test_small_kl_under_a_large_offset_with_a_masked_tail(block_v):
+    # quant = ref − 200 + tiny noise: KL ~ 1e-6 must keep its precision when the last tile is
+    # partly masked (the masked lanes must not turn the small-term sums into NaN)
+    from qmetrics.kernels.logit_compare import logit_compare_triton
+
+    g = torch.Generator().manual_seed(11)
+    ref = 3 * torch.randn(4, 301, generator=g, dtype=torch.float64)
+    quant = ref - 200 + 1.4e-3 * torch.randn(4, 301, generator=g, dtype=torch.float64)
+    ref, quant = ref.float(), quant.float()
+    got = logit_compare_triton(ref.to(TEST_DEVICE), quant.to(TEST_DEVICE), None, top_k=5,
+                               ignore_index=-100, block_v=block_v, splits=1)  # fmt: skip
+    exp = reference_compare(ref, quant, None, top_k=5)
+    for name in ("kl", "reverse_kl"):
+        assert exp[name].max() < 1e-5
+        torch.testing.assert_close(got[name].cpu().double(), exp[name], rtol=1e-2, atol=0)
