@@ -59,13 +59,7 @@ def _add_compare_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         )
         p.add_argument("--batch-size", type=int, default=1)
         p.add_argument("--max-tokens", type=int, default=None, help="bound on corpus tokens")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
-        p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
-        p.add_argument(
-            "--trust-remote-code",
-            action="store_true",
-            help="allow model repositories to run their own code (off by default)",
-        )
+        add_loading_args(p)
         p.add_argument("--gguf-file", default=None, help="GGUF file inside the candidate repo")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument(
@@ -205,6 +199,11 @@ def add_model_pair_args(p: argparse.ArgumentParser, candidate_help: str) -> None
     which.add_argument(
         "--quantize", metavar="SPEC", help="round-to-nearest candidate, e.g. int4-g128"
     )
+    add_loading_args(p)
+
+
+def add_loading_args(p: argparse.ArgumentParser) -> None:
+    """How models are loaded: ``--device``, ``--dtype`` and ``--trust-remote-code``."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
     p.add_argument(
