@@ -23,8 +23,8 @@ def _child(vocab: int, window: int, batch: int, chunk: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qmetrics.evaluator import QuantizationEvaluator
-    from qmetrics.models import ModelEntry, rtn_candidate
+    from qmetrics.evaluation.compare import QuantizationEvaluator
+    from qmetrics.evaluation.models import ModelEntry, rtn_candidate
 
     torch.manual_seed(0)
     config = LlamaConfig(

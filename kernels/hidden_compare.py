@@ -7,7 +7,7 @@ where both x_i and y_i are finite (the others are counted, not summed):
     diff_sq = Σ (x_i − y_i)²      max_abs_diff = max |x_i − y_i|  (0 for a row with none)
     nonfinite = #{i : x_i or y_i is NaN or ±inf}
 
-Every layer statistic of :mod:`qmetrics.layer_stats` is built from these: MSE = Σdiff_sq /
+Every layer statistic of :mod:`qmetrics.metrics.layer_stats` is built from these: MSE = Σdiff_sq /
 #elements, relative error = √(Σdiff_sq / Σref_sq), SNR = 10·log10(Σref_sq / Σdiff_sq) dB, per-row
 cosine = dot / √(ref_sq · cand_sq). diff_sq is summed from the differences themselves (not as
 ref_sq + cand_sq − 2·dot), so it stays exact when the rows agree to many digits, and an

@@ -111,7 +111,8 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
-    """[BOS] + tokens of ``text``: the layout ``qmetrics.corpus.tokenize_texts`` produces."""
+    """[BOS] + tokens of ``text``: the layout
+    ``qmetrics.evaluation.corpus.tokenize_texts`` produces."""
     # The backend call is the same encoding as ``tokenizer(text, add_special_tokens=False)``
     # without the "longer than model_max_length" warning.
     body = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
@@ -323,7 +324,8 @@ King James Bible. It exists so that qmetrics can demonstrate reference-vs-quanti
 offline; it is not a useful language model.
 
 Load it with `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`
-(no network, no `trust_remote_code`); `qmetrics.corpus.demo_text_path()` gives `heldout.txt`.
+(no network, no `trust_remote_code`); `qmetrics.evaluation.corpus.demo_text_path()` gives
+`heldout.txt`.
 
 ## Source
 

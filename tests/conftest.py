@@ -28,7 +28,7 @@ def _on_test_device(fn):
     """Wrap ``compare_logits`` so that it runs on TEST_DEVICE and returns CPU tensors."""
     import torch
 
-    from qmetrics.token_metrics import TokenMetrics
+    from qmetrics.metrics.token_metrics import TokenMetrics
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -43,12 +43,18 @@ def _on_test_device(fn):
 
 if TEST_DEVICE != "cpu":
     import qmetrics
-    import qmetrics.evaluator
-    import qmetrics.functional
-    import qmetrics.logit_stats
+    import qmetrics.evaluation.compare
+    import qmetrics.metrics.functional
+    import qmetrics.metrics.logit_stats
 
-    _wrapped = _on_test_device(qmetrics.functional.compare_logits)
-    for _module in (qmetrics, qmetrics.functional, qmetrics.logit_stats, qmetrics.evaluator):
+    _wrapped = _on_test_device(qmetrics.metrics.functional.compare_logits)
+    _modules = (
+        qmetrics,
+        qmetrics.metrics.functional,
+        qmetrics.metrics.logit_stats,
+        qmetrics.evaluation.compare,
+    )
+    for _module in _modules:
         _module.compare_logits = _wrapped
 
 

@@ -1,6 +1,6 @@
 """A float64 reference for :func:`qmetrics.compare_logits`, written for clarity, not speed.
 
-It follows the spec in :mod:`qmetrics.token_metrics` line by line, in float64, with every
+It follows the spec in :mod:`qmetrics.metrics.token_metrics` line by line, in float64, with every
 special case spelled out as a mask:
 
 - a logit of ``-inf`` is a masked token: probability 0, log-probability ``-inf``, and its terms
@@ -206,7 +206,7 @@ def reference_hidden_sums(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, to
 
 def reference_layer_errors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Float64 layer statistics of all (reference, candidate) activation batches [..., H]
-    together, as defined in :mod:`qmetrics.layer_stats`: rows holding a non-finite value are
+    together, as defined in :mod:`qmetrics.metrics.layer_stats`: rows holding a non-finite value are
     counted and left out; over the other rows, with Δ = x − y,
     MSE = ΣΔ²/#elements, rel = √(ΣΔ²/Σx²), SNR = 10·log10(Σx²/ΣΔ²), cosine = mean per-row
     x·y/(‖x‖‖y‖) (0 when one row is all zero, 1 when both

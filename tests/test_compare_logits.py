@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import qmetrics
-from qmetrics.functional import compare_logits, resolve_backend
-from qmetrics.token_metrics import FLOAT_FIELDS, LABEL_FIELDS, TokenMetrics
+from qmetrics.metrics.functional import compare_logits, resolve_backend
+from qmetrics.metrics.token_metrics import FLOAT_FIELDS, LABEL_FIELDS, TokenMetrics
 from tests.conftest import HAS_TRITON
 from tests.float64_reference import make_pair_with_kl, reference_compare
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qmetrics.corpus import (
+from qmetrics.evaluation.corpus import (
     CorpusError,
     check_same_tokens,
     iter_texts,

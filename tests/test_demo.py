@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from qmetrics.cli import main  # noqa: E402
-from qmetrics.corpus import demo_text_path  # noqa: E402
+from qmetrics.evaluation.corpus import demo_text_path  # noqa: E402
 
 
 def test_demo_model_is_small_and_shipped():

@@ -12,9 +12,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from qmetrics import LogitStats  # noqa: E402
-from qmetrics.corpus import CorpusError  # noqa: E402
-from qmetrics.evaluator import QuantizationEvaluator  # noqa: E402
-from qmetrics.models import ModelEntry, rtn_candidate  # noqa: E402
+from qmetrics.evaluation.compare import QuantizationEvaluator  # noqa: E402
+from qmetrics.evaluation.corpus import CorpusError  # noqa: E402
+from qmetrics.evaluation.models import ModelEntry, rtn_candidate  # noqa: E402
 from tests.tiny_models import synthetic_text, tiny_llama, tiny_tokenizer  # noqa: E402
 
 TEXT = synthetic_text(1500)

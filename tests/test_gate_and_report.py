@@ -1,4 +1,4 @@
-"""The --fail-if gate (qmetrics.gate) and the report writers (qmetrics.report)."""
+"""The --fail-if gate (qmetrics.reports.gate) and the report writers (qmetrics.reports.compare)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from qmetrics import LogitStats
-from qmetrics.evaluator import EvaluationResult, ModelFigures
-from qmetrics.gate import METRICS, Threshold, check_gate, metric_value, parse_gate
-from qmetrics.report import (
+from qmetrics.evaluation.compare import EvaluationResult, ModelFigures
+from qmetrics.reports.compare import (
     fmt_pct,
     fmt_small,
     markdown_sections,
@@ -23,6 +22,7 @@ from qmetrics.report import (
     render_text_table,
     write_reports,
 )
+from qmetrics.reports.gate import METRICS, Threshold, check_gate, metric_value, parse_gate
 
 REF = "tiny-ref"
 CANDS = {"int8": 0.02, "rtn-int4": 0.6}  # name -> logit noise scale

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qmetrics.layer_stats import LayerStats, hidden_row_sums
+from qmetrics.metrics.layer_stats import LayerStats, hidden_row_sums
 from tests.conftest import HAS_TRITON, TEST_DEVICE
 from tests.float64_reference import (
     HIDDEN_SUM_KEYS,

@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from qmetrics.layer_analysis import (  # noqa: E402
+from qmetrics.evaluation.layers import (  # noqa: E402
     ablation_units,
     analyze_layers,
     match_modules,
@@ -23,7 +23,7 @@ from qmetrics.layer_analysis import (  # noqa: E402
     select_modules,
     token_batches,
 )
-from qmetrics.rtn_quantize import quantize_model  # noqa: E402
+from qmetrics.evaluation.rtn_quantize import quantize_model  # noqa: E402
 from tests.conftest import HAS_TRITON, TEST_DEVICE  # noqa: E402
 from tests.float64_reference import reference_layer_errors  # noqa: E402
 from tests.tiny_models import synthetic_text, tiny_llama, tiny_tokenizer  # noqa: E402
@@ -167,7 +167,7 @@ def test_ablation_ranks_the_coarsely_quantized_layer_first(ref, ids):
 
 def test_layers_command_writes_reports(ref, tmp_path, capsys):
     from qmetrics.cli import UsageError
-    from qmetrics.layers_cli import add_layers_parser, run_layers
+    from qmetrics.cli.layers import add_layers_parser, run_layers
 
     tok = tiny_tokenizer()
     model_dir = tmp_path / "tiny"

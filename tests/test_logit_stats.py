@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import qmetrics
 from qmetrics import LogitStats, compare_logits
-from qmetrics.logit_stats import PERCENTILES, LogitStatsResult
-from qmetrics.token_metrics import FLOAT_FIELDS, TokenMetrics
+from qmetrics.metrics.logit_stats import PERCENTILES, LogitStatsResult
+from qmetrics.metrics.token_metrics import FLOAT_FIELDS, TokenMetrics
 
 V = 48
 SIZES = (37, 120, 1, 64, 9)  # rows per update: deliberately uneven, one of a single row

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmetrics.functional import compare_logits
-from qmetrics.token_metrics import TokenMetrics
+from qmetrics.metrics.functional import compare_logits
+from qmetrics.metrics.token_metrics import TokenMetrics
 from tests.conftest import HAS_TRITON
 from tests.float64_reference import reference_compare
 

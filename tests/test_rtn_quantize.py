@@ -1,4 +1,4 @@
-"""Tests of the round-to-nearest weight quantizer, :mod:`qmetrics.rtn_quantize`."""
+"""Tests of the round-to-nearest weight quantizer, :mod:`qmetrics.evaluation.rtn_quantize`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from qmetrics.rtn_quantize import (
+from qmetrics.evaluation.rtn_quantize import (
     REPORT_ATTR,
     QuantReport,
     QuantSpec,

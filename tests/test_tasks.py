@@ -15,11 +15,11 @@ import math
 import pytest
 from scipy import stats
 
-from qmetrics.models import ModelEntry, clone_entry
-from qmetrics.task_comparison import compare_runs, mcnemar_exact
-from qmetrics.task_gate import check_task_gate, parse_task_gate
-from qmetrics.task_runner import TaskSettings, TasksUnavailableError, require_lm_eval
-from qmetrics.tasks import offline_task_dir
+from qmetrics.evaluation.models import ModelEntry, clone_entry
+from qmetrics.evaluation.tasks import offline_task_dir
+from qmetrics.evaluation.tasks.comparison import compare_runs, mcnemar_exact
+from qmetrics.evaluation.tasks.runner import TaskSettings, TasksUnavailableError, require_lm_eval
+from qmetrics.reports.task_gate import check_task_gate, parse_task_gate
 
 HAS_LM_EVAL = all(importlib.util.find_spec(m) for m in ("lm_eval", "accelerate", "transformers"))
 needs_lm_eval = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def reference(tok) -> ModelEntry:
 @pytest.fixture(scope="module")
 def runs(reference, tok):
     """lm-eval runs of the reference, a different model and an identical copy."""
-    from qmetrics.task_runner import evaluate_tasks
+    from qmetrics.evaluation.tasks.runner import evaluate_tasks
     from tests.tiny_models import tiny_llama
 
     other = ModelEntry("other", tiny_llama(len(tok), seed=1), None)
@@ -85,7 +85,7 @@ def _bos_tokenizer(tok):
 def test_missing_lm_eval_says_how_to_install(monkeypatch):
     from qmetrics import task_runner
     from qmetrics.cli import UsageError
-    from qmetrics.tasks_cli import add_tasks_parser, run_tasks
+    from qmetrics.cli.tasks import add_tasks_parser, run_tasks
 
     real = importlib.util.find_spec
     monkeypatch.setattr(task_runner.importlib.util, "find_spec",
@@ -152,7 +152,7 @@ def test_task_gate():
 def test_unknown_task_names_the_task():
     from lm_eval.tasks import TaskManager
 
-    from qmetrics.task_runner import check_task_names
+    from qmetrics.evaluation.tasks.runner import check_task_names
 
     manager = TaskManager(include_path=str(offline_task_dir()), include_defaults=False)
     check_task_names(manager, ["qmetrics_mc"])
@@ -219,8 +219,8 @@ def test_identical_candidate(runs):
 def test_rolling_loglikelihood_equals_qmetrics_perplexity(reference, tok, max_length, docs):
     """With a tokenizer that adds a BOS itself, the runner still scores ``<s> text`` once;
     lm-eval's window L equals qmetrics' context_length L+1, stride L (see the README)."""
-    from qmetrics.evaluator import QuantizationEvaluator
-    from qmetrics.task_runner import evaluate_tasks
+    from qmetrics.evaluation.compare import QuantizationEvaluator
+    from qmetrics.evaluation.tasks.runner import evaluate_tasks
 
     bos_tok = _bos_tokenizer(tok)
     settings = TaskSettings(tasks=["qmetrics_rolling"], limit=docs, batch_size=4,
@@ -246,7 +246,7 @@ def test_rolling_loglikelihood_equals_qmetrics_perplexity(reference, tok, max_le
 @needs_lm_eval
 def test_tasks_command(tmp_path, reference, tok, capsys):
     from qmetrics.cli import UsageError
-    from qmetrics.tasks_cli import add_tasks_parser, run_tasks
+    from qmetrics.cli.tasks import add_tasks_parser, run_tasks
 
     model_dir = tmp_path / "tiny"
     reference.model.save_pretrained(model_dir)
@@ -276,7 +276,7 @@ def test_tasks_command(tmp_path, reference, tok, capsys):
 @needs_lm_eval
 def test_group_pools_its_tasks(tmp_path, reference, tok):
     """A group (like mmlu) gets lm-eval's group score and a test on its tasks' items pooled."""
-    from qmetrics.task_runner import evaluate_tasks
+    from qmetrics.evaluation.tasks.runner import evaluate_tasks
     from tests.tiny_models import tiny_llama
 
     (tmp_path / "group.yaml").write_text(

@@ -1,10 +1,10 @@
 """Reports of an evaluation run: JSON, Markdown, a KL CDF plot and the terminal table.
 
 Everything here reads the report dict (the JSON body of
-:meth:`qmetrics.evaluator.EvaluationResult.to_dict`): ``settings``, ``reference``,
+:meth:`qmetrics.evaluation.compare.EvaluationResult.to_dict`): ``settings``, ``reference``,
 ``tokens_total``, ``windows``, ``models`` {name: {perplexity {value, stderr, stderr_seq}, figures
 {forward_seconds, tokens, tokens_per_second, peak_memory_mb}, origin}}, ``comparisons``
-{name: :meth:`qmetrics.logit_stats.LogitStatsResult.to_dict`}, ``environment`` and
+{name: :meth:`qmetrics.metrics.logit_stats.LogitStatsResult.to_dict`}, ``environment`` and
 ``kl_quantiles`` {name: per-token KL at the quantile levels 0, 0.001, ..., 1}. Missing pieces
 show as "n/a" rather than failing, so a partial report still renders.
 
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qmetrics.json_values import json_safe
+from qmetrics.metrics.json_values import json_safe
 
 if TYPE_CHECKING:
     from rich.table import Table

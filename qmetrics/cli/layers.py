@@ -22,7 +22,7 @@ from qmetrics.cli import (
     load_model_pair,
     open_corpus,
 )
-from qmetrics.corpus import check_same_tokens, tokenize_texts
+from qmetrics.evaluation.corpus import check_same_tokens, tokenize_texts
 
 
 def add_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -72,15 +72,15 @@ def _check_args(args: argparse.Namespace) -> None:
 def run_layers(args: argparse.Namespace) -> int:
     """Load the models, run the layer analysis (and ablation), write and print the reports.
     Returns 0; bad input raises (see the module docstring)."""
-    from qmetrics.layer_analysis import (
+    from qmetrics.evaluation.layers import (
         ablation_units,
         analyze_layers,
         run_ablation,
         select_modules,
         token_batches,
     )
-    from qmetrics.layers_report import render_layer_tables, write_layer_reports
-    from qmetrics.rtn_quantize import QuantSpec
+    from qmetrics.evaluation.rtn_quantize import QuantSpec
+    from qmetrics.reports.layers import render_layer_tables, write_layer_reports
 
     _check_args(args)
     spec = QuantSpec.parse(args.quantize) if args.quantize else None

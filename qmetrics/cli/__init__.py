@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qmetrics.corpus import DEMO_SOURCE, CorpusError, iter_texts
+from qmetrics.evaluation.corpus import DEMO_SOURCE, CorpusError, iter_texts
 
 DEMO_QUANTIZE = ("int8", "int4-g32", "int3-g32")
 DEMO_CONTEXT = 128
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("demo", help="offline demo: the bundled model vs its RTN versions"),
         demo=True,
     )
-    from qmetrics.layers_cli import add_layers_parser
-    from qmetrics.tasks_cli import add_tasks_parser
+    from qmetrics.cli.layers import add_layers_parser
+    from qmetrics.cli.tasks import add_tasks_parser
 
     add_layers_parser(sub)
     add_tasks_parser(sub)
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_args(args: argparse.Namespace) -> argparse.Namespace:
-    from qmetrics.corpus import demo_text_path
+    from qmetrics.evaluation.corpus import demo_text_path
 
     args.reference = str(demo_text_path().parent)
     args.candidate = []
@@ -120,8 +120,8 @@ def _demo_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Load, evaluate, report, gate. Returns the exit code."""
-    from qmetrics.gate import check_gate, parse_gate
-    from qmetrics.rtn_quantize import QuantSpec
+    from qmetrics.evaluation.rtn_quantize import QuantSpec
+    from qmetrics.reports.gate import check_gate, parse_gate
 
     if args.command == "demo" or not args.reference:
         args = _demo_args(args)
@@ -137,9 +137,9 @@ def run_compare(args: argparse.Namespace) -> int:
     dataset = args.dataset or DEFAULT_DATASET
     texts = open_corpus(dataset, args.text_field)
 
-    from qmetrics.evaluator import QuantizationEvaluator
-    from qmetrics.models import load_pretrained, rtn_candidate
-    from qmetrics.report import render_terminal_table, write_reports
+    from qmetrics.evaluation.compare import QuantizationEvaluator
+    from qmetrics.evaluation.models import load_pretrained, rtn_candidate
+    from qmetrics.reports.compare import render_terminal_table, write_reports
 
     _quiet_transformers()
     load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -216,7 +216,7 @@ def add_loading_args(p: argparse.ArgumentParser) -> None:
 def load_model_pair(args: argparse.Namespace, spec) -> tuple:
     """Load the reference and the candidate (``spec``: a parsed ``--quantize``, or None for
     ``--candidate``); the candidate is renamed when both carry one name."""
-    from qmetrics.models import load_pretrained, rtn_candidate
+    from qmetrics.evaluation.models import load_pretrained, rtn_candidate
 
     _quiet_transformers()
     load = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -258,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "layers":
-            from qmetrics.layers_cli import run_layers
+            from qmetrics.cli.layers import run_layers
 
             return run_layers(args)
         if args.command == "tasks":
-            from qmetrics.tasks_cli import run_tasks
+            from qmetrics.cli.tasks import run_tasks
 
             return run_tasks(args)
         return run_compare(args)
@@ -274,6 +274,3 @@ def main(argv: list[str] | None = None) -> int:
         print("qmetrics: interrupted (use --resume to continue)", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,10 +15,10 @@ Row classes. Every row (token position) of every update is *seen* and falls in e
 - *scored*: everything else. Only scored rows enter any statistic (moments, match counts,
   percentiles), so ``seen = scored + ignored + non-finite``.
 
-Metrics (per scored row; those after ``mse`` only when labels are given):
-``kl, reverse_kl, entropy_ref, entropy_quant, cosine, mse`` as in :mod:`qmetrics.token_metrics`,
-``nll_ref``, ``nll_quant``, ``nll_diff = nll_quant − nll_ref``,
-``delta_p = prob_quant − prob_ref`` and ``delta_p_sq = delta_p²`` (for the RMS).
+Metrics (per scored row; those after ``mse`` only when labels are given): ``kl, reverse_kl,
+entropy_ref, entropy_quant, cosine, mse`` as in :mod:`qmetrics.metrics.token_metrics`, ``nll_ref``,
+``nll_quant``, ``nll_diff = nll_quant − nll_ref``, ``delta_p = prob_quant − prob_ref`` and
+``delta_p_sq = delta_p²`` (for the RMS).
 
 State. Each metric keeps count n, mean and M2 = Σ(x − mean)² in float64, plus the co-moment
 C = Σ(nll_ref − mean_ref)(nll_quant − mean_quant). A batch is reduced two-pass (mean, then
@@ -56,9 +56,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from qmetrics.functional import Backend, compare_logits
-from qmetrics.json_values import json_float
-from qmetrics.token_metrics import FLOAT_FIELDS, TokenMetrics
+from qmetrics.metrics.functional import Backend, compare_logits
+from qmetrics.metrics.json_values import json_float
+from qmetrics.metrics.token_metrics import FLOAT_FIELDS, TokenMetrics
 
 #: Metrics with moments, in state order. The first 6 are always present; the rest need labels.
 METRICS = (

@@ -7,9 +7,9 @@ from typing import Literal
 
 import torch
 
-from qmetrics.logit_compare_torch import logit_compare_torch
-from qmetrics.token_metrics import LABEL_FIELDS, TokenMetrics
-from qmetrics.validation import check_labels, check_logit_pair, check_top_k
+from qmetrics.kernels.logit_compare_torch import logit_compare_torch
+from qmetrics.metrics.token_metrics import LABEL_FIELDS, TokenMetrics
+from qmetrics.metrics.validation import check_labels, check_logit_pair, check_top_k
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -70,7 +70,7 @@ def compare_logits(
     Returns a :class:`TokenMetrics` whose fields are shaped like the leading dims: KL(P‖Q),
     KL(Q‖P), both entropies, cosine and MSE of the raw logits, top-1 and top-k agreement, and
     with ``labels`` the NLL and probability of the label under each model. The formulas are in
-    :mod:`qmetrics.token_metrics`.
+    :mod:`qmetrics.metrics.token_metrics`.
     """
     check_logit_pair(ref, quant)
     vocab = ref.shape[-1]

@@ -15,4 +15,4 @@ OFFLINE_TASKS = ("qmetrics_mc", "qmetrics_rolling")
 
 def offline_task_dir() -> Path:
     """The directory of the offline tasks (pass it to lm-eval as an include path)."""
-    return Path(str(resources.files("qmetrics.tasks") / "offline"))
+    return Path(str(resources.files("qmetrics.evaluation.tasks") / "offline"))

@@ -284,7 +284,7 @@ def logit_compare_torch(
 ) -> dict[str, torch.Tensor]:
     """Per-row metrics of ``ref``/``quant`` [N, V] (last dim contiguous) in row chunks.
 
-    Returns fp32 float fields and bool flags (see :mod:`qmetrics.token_metrics`), plus the
+    Returns fp32 float fields and bool flags (see :mod:`qmetrics.metrics.token_metrics`), plus the
     label fields when ``labels`` [N] (int64) is given.
     """
     n, vocab = ref.shape

@@ -4,7 +4,7 @@ A gate is a comma-separated list of clauses ``METRIC OP VALUE`` with OP one of `
 a clause is *broken* by a candidate when ``value_of_metric OP VALUE`` holds (``kl_mean>0.05``
 fails every candidate whose mean KL exceeds 0.05). :func:`parse_gate` turns the text into
 :class:`Threshold` objects, :func:`check_gate` checks them against a report dict (the JSON body
-of :meth:`qmetrics.evaluator.EvaluationResult.to_dict`) and returns one message per broken
+of :meth:`qmetrics.evaluation.compare.EvaluationResult.to_dict`) and returns one message per broken
 (candidate, threshold) pair. A metric a candidate lacks (e.g. ``ppl_ratio`` from a run without
 labels) breaks the threshold too: a gate never passes silently for want of data.
 
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qmetrics.report import as_number, dig
+from qmetrics.reports.compare import as_number, dig
 
 #: A candidate's view of the report: its comparison dict (``LogitStatsResult.to_dict()``) and
 #: its model dict (``{perplexity, figures, origin}``; empty when absent).

@@ -2,13 +2,13 @@
 
 **Streamed per-layer error** (:func:`analyze_layers`). Modules of the reference are selected by
 preset, class or name (:func:`select_modules`) and paired with the candidate's modules by name
-(:func:`match_modules`). For every batch the reference runs first; forward hooks keep each
-selected module's output. The candidate then runs on the same input ids; its hooks compare each
-output with the reference's for the same call and drop the reference's at once, so at most one
-batch of activations per selected module is alive. The comparison
-(:func:`qmetrics.layer_stats.hidden_row_sums`) feeds one :class:`~qmetrics.layer_stats.LayerStats`
-per module: MSE, ‖Δ‖/‖ref‖, mean per-token cosine, SNR = 10·log10(‖ref‖²/‖Δ‖²) dB, max |Δ| and
-non-finite counts over all batches and tokens.
+(:func:`match_modules`). For every batch the reference runs first; forward hooks keep each selected
+module's output. The candidate then runs on the same input ids; its hooks compare each output with
+the reference's for the same call and drop the reference's at once, so at most one batch of
+activations per selected module is alive. The comparison
+(:func:`qmetrics.metrics.layer_stats.hidden_row_sums`) feeds one
+:class:`~qmetrics.metrics.layer_stats.LayerStats` per module: MSE, ‖Δ‖/‖ref‖, mean per-token cosine,
+SNR = 10·log10(‖ref‖²/‖Δ‖²) dB, max |Δ| and non-finite counts over all batches and tokens.
 
 **Input-matched (local) error.** With ``input_matched=True`` each reference hook also calls the
 candidate's module on the reference module's own inputs (positional and keyword) and compares
@@ -38,15 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from qmetrics.corpus import make_windows
-from qmetrics.functional import Backend, compare_logits
-from qmetrics.json_values import json_float
-from qmetrics.layer_stats import LayerErrors, LayerStats
-from qmetrics.logit_source import LogitSource
-from qmetrics.logit_stats import Estimate, LogitStats
-from qmetrics.models import ModelEntry
-from qmetrics.progress import progress_bar
-from qmetrics.rtn_quantize import QuantSpec, quantize_module
+from qmetrics.evaluation.corpus import make_windows
+from qmetrics.evaluation.logit_source import LogitSource
+from qmetrics.evaluation.models import ModelEntry
+from qmetrics.evaluation.progress import progress_bar
+from qmetrics.evaluation.rtn_quantize import QuantSpec, quantize_module
+from qmetrics.metrics.functional import Backend, compare_logits
+from qmetrics.metrics.json_values import json_float
+from qmetrics.metrics.layer_stats import LayerErrors, LayerStats
+from qmetrics.metrics.logit_stats import Estimate, LogitStats
 
 #: Selection presets: decoder blocks, attention modules, MLPs, every Linear but the output head.
 PRESETS = ("blocks", "attention", "mlp", "linear")

@@ -1,7 +1,7 @@
 """Paired, per-item comparison of two models' lm-eval runs, with significance.
 
-Every (task, filter) of the two :class:`qmetrics.task_runner.TaskRun` objects is paired item by
-item on lm-eval's ``doc_id``; only items both models answered enter the paired statistics.
+Every (task, filter) of the two :class:`qmetrics.evaluation.tasks.runner.TaskRun` objects is paired
+item by item on lm-eval's ``doc_id``; only items both models answered enter the paired statistics.
 Per metric (lm-eval's score ± stderr comes from lm-eval itself):
 
 - delta = score_cand − score_ref; *drop* = −delta when higher is better, else delta.
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from qmetrics.task_runner import TaskRun
+from qmetrics.evaluation.tasks.runner import TaskRun
 
 #: aggregation name → (transform of r = Σv/Σw, whether it increases with r)
 RATIO_AGGREGATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], bool]] = {

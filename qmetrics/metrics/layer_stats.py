@@ -1,9 +1,9 @@
 """Streaming per-layer error statistics of a candidate's activations against the reference's.
 
-:func:`hidden_row_sums` reduces a pair of activation tensors [..., H] to per-row sums in one
-fused pass (:mod:`qmetrics.kernels.hidden_compare` on CUDA, :mod:`qmetrics.hidden_compare_torch`
-elsewhere). :class:`LayerStats` folds them, batch after batch, into float64 totals and returns
-a :class:`LayerErrors`.
+:func:`hidden_row_sums` reduces a pair of activation tensors [..., H] to per-row sums in one fused
+pass (:mod:`qmetrics.kernels.hidden_compare` on CUDA, :mod:`qmetrics.kernels.hidden_compare_torch`
+elsewhere). :class:`LayerStats` folds them, batch after batch, into float64 totals and returns a
+:class:`LayerErrors`.
 
 Rows. A row (one token's activation vector) with a NaN or ±inf in either tensor is
 *non-finite*: it is counted (``nonfinite_rows``, and its non-finite entries in
@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from qmetrics.functional import Backend, as_rows, resolve_backend
-from qmetrics.json_values import json_float
-from qmetrics.logit_stats import Estimate
-from qmetrics.validation import FLOAT_DTYPES
+from qmetrics.metrics.functional import Backend, as_rows, resolve_backend
+from qmetrics.metrics.json_values import json_float
+from qmetrics.metrics.logit_stats import Estimate
+from qmetrics.metrics.validation import FLOAT_DTYPES
 
 SUM_KEYS = ("ref_sq", "cand_sq", "dot", "diff_sq")
 _COUNTS = ("rows", "elements", "nonfinite_rows", "nonfinite_values")
@@ -82,7 +82,7 @@ def hidden_row_sums(
         from qmetrics.kernels.hidden_compare import hidden_compare_triton
 
         return hidden_compare_triton(ref2, cand2)
-    from qmetrics.hidden_compare_torch import hidden_compare_torch
+    from qmetrics.kernels.hidden_compare_torch import hidden_compare_torch
 
     return hidden_compare_torch(ref2, cand2)
 

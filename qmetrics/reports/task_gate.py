@@ -2,8 +2,8 @@
 
 A gate is a list of *rules* separated by ``;``; a rule is a list of clauses ``NAME OP VALUE``
 separated by ``,`` that must **all** hold for one (task, metric) row of a task report
-(:func:`qmetrics.tasks_report.build_tasks_report`) to break it. OP is one of ``> >= < <=``
-(:data:`qmetrics.gate.OPERATORS`). NAME is ``[METRIC_]QUANTITY`` with QUANTITY one of
+(:func:`qmetrics.reports.tasks.build_tasks_report`) to break it. OP is one of ``> >= < <=``
+(:data:`qmetrics.reports.gate.OPERATORS`). NAME is ``[METRIC_]QUANTITY`` with QUANTITY one of
 :data:`QUANTITIES`; a METRIC prefix (``acc_drop``, ``acc_norm_p``, ``word_perplexity_delta``)
 restricts the rule to rows of that metric, so ``acc_drop>0.02,p<0.05`` fails a task whose
 accuracy fell by more than 2 points with p < 0.05, and ``drop>0.05`` fails any metric that got
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qmetrics.gate import OPERATORS, format_value
+from qmetrics.reports.gate import OPERATORS, format_value
 
 #: the quantities a clause can test, with what they mean
 QUANTITIES: dict[str, str] = {

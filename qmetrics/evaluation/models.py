@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qmetrics.rtn_quantize import QuantSpec, quantize_model
+from qmetrics.evaluation.rtn_quantize import QuantSpec, quantize_model
 
 
 class ModelLoadError(ValueError):

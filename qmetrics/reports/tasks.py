@@ -1,11 +1,11 @@
 """Reports of a downstream-task comparison: ``tasks.json``, ``tasks.md`` and the terminal table.
 
 Everything reads the report dict of :func:`build_tasks_report`: ``settings`` (the
-:class:`qmetrics.task_runner.TaskSettings` plus ``alpha`` and ``n_resamples``), ``reference``,
-``candidate``, ``models`` {name: {seconds, origin}}, ``comparisons`` (a list of
-:meth:`qmetrics.task_comparison.TaskComparison.to_dict`, per-item pairs included) and
-``environment``. :func:`markdown_section` is one self-contained section that a
-``qmetrics compare`` report can include.
+:class:`qmetrics.evaluation.tasks.runner.TaskSettings` plus ``alpha`` and ``n_resamples``),
+``reference``, ``candidate``, ``models`` {name: {seconds, origin}}, ``comparisons`` (a list of
+:meth:`qmetrics.evaluation.tasks.comparison.TaskComparison.to_dict`, per-item pairs included) and
+``environment``. :func:`markdown_section` is one self-contained section that a ``qmetrics compare``
+report can include.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qmetrics.json_values import json_safe
-from qmetrics.report import (
+from qmetrics.evaluation.tasks.comparison import TaskComparison
+from qmetrics.evaluation.tasks.runner import TaskRun, TaskSettings
+from qmetrics.metrics.json_values import json_safe
+from qmetrics.reports.compare import (
     NA,
     _key_value_section,
     _md_table,
@@ -25,8 +27,6 @@ from qmetrics.report import (
     fmt_pct,
     fmt_small,
 )
-from qmetrics.task_comparison import TaskComparison
-from qmetrics.task_runner import TaskRun, TaskSettings
 
 JSON_NAME = "tasks.json"
 MARKDOWN_NAME = "tasks.md"

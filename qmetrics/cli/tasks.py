@@ -3,12 +3,12 @@
     qmetrics tasks --reference M (--candidate M2 | --quantize SPEC) --tasks LIST
                    [--num-fewshot K] [--limit N] [--output DIR] [--fail-if EXPR] ...
 
-Runs lm-eval on both models with the same settings (:mod:`qmetrics.task_runner`), compares
-them per item (:mod:`qmetrics.task_comparison`), prints the table, writes ``tasks.json`` and
-``tasks.md`` into ``--output`` and checks the gate (:mod:`qmetrics.task_gate`). Exit codes as
-``qmetrics compare``: 0, 1 when the gate is broken, 2 for bad input (including a missing
-lm-eval: the message says how to install it), raised as :class:`qmetrics.cli.UsageError` or
-``ValueError`` for ``qmetrics.cli.main`` to print on one line.
+Runs lm-eval on both models with the same settings (:mod:`qmetrics.evaluation.tasks.runner`),
+compares them per item (:mod:`qmetrics.evaluation.tasks.comparison`), prints the table, writes
+``tasks.json`` and ``tasks.md`` into ``--output`` and checks the gate
+(:mod:`qmetrics.reports.task_gate`). Exit codes as ``qmetrics compare``: 0, 1 when the gate is
+broken, 2 for bad input (including a missing lm-eval: the message says how to install it), raised as
+:class:`qmetrics.cli.UsageError` or ``ValueError`` for ``qmetrics.cli.main`` to print on one line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qmetrics.cli import UsageError, add_model_pair_args, finish_run, load_model_pair
-from qmetrics.tasks import OFFLINE_TASKS
+from qmetrics.evaluation.tasks import OFFLINE_TASKS
 
 
 def _limit(text: str) -> int | float:
@@ -64,8 +64,12 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_tasks(args: argparse.Namespace) -> int:
     """Load both models, run and compare the tasks, write and print the reports, check the
     gate. Returns the exit code; bad input raises (see the module docstring)."""
-    from qmetrics.task_gate import check_task_gate, parse_task_gate
-    from qmetrics.task_runner import TaskSettings, TasksUnavailableError, require_lm_eval
+    from qmetrics.evaluation.tasks.runner import (
+        TaskSettings,
+        TasksUnavailableError,
+        require_lm_eval,
+    )
+    from qmetrics.reports.task_gate import check_task_gate, parse_task_gate
 
     try:
         require_lm_eval()
@@ -87,10 +91,10 @@ def run_tasks(args: argparse.Namespace) -> int:
         include_paths=[str(p) for p in args.include_path],
     )
 
-    from qmetrics.rtn_quantize import QuantSpec
-    from qmetrics.task_comparison import compare_runs
-    from qmetrics.task_runner import check_task_names, evaluate_tasks, task_manager
-    from qmetrics.tasks_report import build_tasks_report, render_task_table, write_task_reports
+    from qmetrics.evaluation.rtn_quantize import QuantSpec
+    from qmetrics.evaluation.tasks.comparison import compare_runs
+    from qmetrics.evaluation.tasks.runner import check_task_names, evaluate_tasks, task_manager
+    from qmetrics.reports.tasks import build_tasks_report, render_task_table, write_task_reports
 
     spec = QuantSpec.parse(args.quantize) if args.quantize else None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)

@@ -1,11 +1,11 @@
 """Paired evaluation of a reference model and quantized candidates over a corpus, in one pass.
 
-For every batch of token windows the reference and each candidate run on the same input ids;
-their logits are produced chunk by chunk (:class:`qmetrics.logit_source.LogitSource`) and fed,
+For every batch of token windows the reference and each candidate run on the same input ids; their
+logits are produced chunk by chunk (:class:`qmetrics.evaluation.logit_source.LogitSource`) and fed,
 with next-token labels, into one :class:`qmetrics.LogitStats` per candidate. Perplexity of every
 model comes out of the same pass: PPL = exp(mean NLL) over the scored tokens, with windows as in
-:func:`qmetrics.corpus.make_windows`. Only one chunk of logits per model is alive at a time.
-A run can checkpoint its accumulators and resume without recomputing finished windows.
+:func:`qmetrics.evaluation.corpus.make_windows`. Only one chunk of logits per model is alive at a
+time. A run can checkpoint its accumulators and resume without recomputing finished windows.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from qmetrics.corpus import (
+from qmetrics.evaluation.corpus import (
     Window,
     check_same_tokens,
     iter_texts,
     make_windows,
     tokenize_texts,
 )
-from qmetrics.functional import compare_logits
-from qmetrics.logit_source import LogitSource
-from qmetrics.logit_stats import Estimate, LogitStats, LogitStatsResult
-from qmetrics.models import ModelEntry
-from qmetrics.progress import progress_bar
+from qmetrics.evaluation.logit_source import LogitSource
+from qmetrics.evaluation.models import ModelEntry
+from qmetrics.evaluation.progress import progress_bar
+from qmetrics.metrics.functional import compare_logits
+from qmetrics.metrics.logit_stats import Estimate, LogitStats, LogitStatsResult
 
 CHECKPOINT_META = "checkpoint.json"
 
@@ -107,8 +107,8 @@ def _synchronize(device: torch.device) -> None:
 class QuantizationEvaluator:
     """Compare ``candidates`` with ``reference`` on a corpus (see the module docstring).
 
-    ``reference`` and each candidate are :class:`qmetrics.models.ModelEntry` objects (or bare
-    ``nn.Module``s, named ``candidate-i``); a candidate without its own tokenizer uses the
+    ``reference`` and each candidate are :class:`qmetrics.evaluation.models.ModelEntry` objects (or
+    bare ``nn.Module``s, named ``candidate-i``); a candidate without its own tokenizer uses the
     reference's. Models may live on different devices.
     """
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from qmetrics.models import module_device
+from qmetrics.evaluation.models import module_device
 
 
 class LogitSource:

@@ -2,8 +2,8 @@
 terminal tables.
 
 Everything reads the report dict: ``settings``, ``errors``
-(:meth:`qmetrics.layer_analysis.LayerAnalysis.to_dict`) and ``ablation``
-(:meth:`qmetrics.layer_analysis.AblationResult.to_dict`, or None).
+(:meth:`qmetrics.evaluation.layers.LayerAnalysis.to_dict`) and ``ablation``
+(:meth:`qmetrics.evaluation.layers.AblationResult.to_dict`, or None).
 
 Ranking. Modules are ranked worst first by the SNR of their input-matched (local) error when
 it was measured, else by the SNR of the propagated error; units by their ablation KL.
@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from qmetrics.json_values import json_safe
-from qmetrics.report import (
+from qmetrics.metrics.json_values import json_safe
+from qmetrics.reports.compare import (
     NA,
     PlotUnavailableError,
     as_number,

@@ -1,11 +1,11 @@
 """Downstream tasks through lm-evaluation-harness on already-loaded models.
 
 :func:`evaluate_tasks` wraps a loaded model in lm-eval's ``HFLM`` and runs lm-eval's
-``simple_evaluate`` on it, with per-sample logging on and the settings of one
-:class:`TaskSettings` (tasks, few-shot count, limit, batch size, seed, max length), so that every
-model of a comparison is evaluated identically. Task names are resolved by lm-eval's
-``TaskManager`` over its own tasks, the offline tasks shipped in :mod:`qmetrics.tasks` and any
-``include_paths``. Nothing is scored here: scores, stderrs and per-item metric values are lm-eval's.
+``simple_evaluate`` on it, with per-sample logging on and the settings of one :class:`TaskSettings`
+(tasks, few-shot count, limit, batch size, seed, max length), so that every model of a comparison is
+evaluated identically. Task names are resolved by lm-eval's ``TaskManager`` over its own tasks, the
+offline tasks shipped in :mod:`qmetrics.evaluation.tasks` and any ``include_paths``. Nothing is
+scored here: scores, stderrs and per-item metric values are lm-eval's.
 
 BOS in rolling log-likelihood. For ``loglikelihood_rolling`` tasks lm-eval prepends its prefix
 token (the BOS) to the first window *and* encodes the document with the tokenizer's defaults,
@@ -17,12 +17,12 @@ defaults. With this, the rolling log-likelihood of a document of N tokens t_1..t
 
     ll = Σ_i log p(t_i | <s>, t_1..t_{i-1})   (within lm-eval's windows, see below),
 
-which is what :class:`qmetrics.evaluator.QuantizationEvaluator` scores on ``[<s>] + tokens``.
-lm-eval's windows of ``max_length`` = L tokens predict L tokens each: window k feeds ids
+which is what :class:`qmetrics.evaluation.compare.QuantizationEvaluator` scores on ``[<s>] +
+tokens``. lm-eval's windows of ``max_length`` = L tokens predict L tokens each: window k feeds ids
 ``[kL, (k+1)L)`` of ``[<s>] + tokens`` and scores ids ``kL+1 .. (k+1)L``, i.e. qmetrics'
-``make_windows(context_length=L+1, stride=L)``. The two agree exactly when every document has
-N ≤ L tokens, or N a multiple of L; otherwise lm-eval's last window of a document is fed L
-tokens of context where qmetrics' is fed N mod L + 1.
+``make_windows(context_length=L+1, stride=L)``. The two agree exactly when every document has N ≤ L
+tokens, or N a multiple of L; otherwise lm-eval's last window of a document is fed L tokens of
+context where qmetrics' is fed N mod L + 1.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from qmetrics.models import ModelEntry
-from qmetrics.tasks import offline_task_dir
+from qmetrics.evaluation.models import ModelEntry
+from qmetrics.evaluation.tasks import offline_task_dir
 
 ROLLING = "loglikelihood_rolling"
 INSTALL_HINT = "pip install 'qmetrics[tasks]'"

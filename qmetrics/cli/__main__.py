@@ -1,0 +1,7 @@
+"""``python -m qmetrics.cli``: the ``qmetrics`` command."""
+
+import sys
+
+from qmetrics.cli import main
+
+sys.exit(main())
