@@ -49,8 +49,8 @@ def base_args(model_dir, corpus, out):
 def test_compare_writes_reports_and_gate_passes(model_dir, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     code = run(*base_args(model_dir, corpus, out), "--quantize", "int8", "--quantize", "int3-g32",
-               "--fail-if", "kl_mean>10,top1<0.01")  # fmt: skip
-    assert code == 0
+               "--fail-if", "kl_mean>1e-9 & top1<0.01, kl_mean>10")  # fmt: skip
+    assert code == 0  # (A and B) or C with only A true: '&' is AND
     report = json.loads((out / "report.json").read_text())
     assert set(report["comparisons"]) == {"rtn-int8", "rtn-int3-g32"}
     kl8 = report["comparisons"]["rtn-int8"]["means"]["kl"]["value"]
@@ -64,10 +64,11 @@ def test_compare_writes_reports_and_gate_passes(model_dir, corpus, tmp_path, cap
 
 def test_gate_failure_exits_1_naming_each_threshold(model_dir, corpus, tmp_path, capsys):
     code = run(*base_args(model_dir, corpus, tmp_path / "run"), "--quantize", "int3-g32",
-               "--fail-if", "kl_mean>1e-9,top1>=0")  # fmt: skip
+               "--fail-if", "kl_mean>1e-9,top1>=0; kl_mean>10 and top1>=0")  # fmt: skip
     assert code == 1
     printed = capsys.readouterr().out
-    assert "kl_mean" in printed and "top1" in printed
+    assert "FAIL rtn-int3-g32: kl_mean = " in printed and "FAIL rtn-int3-g32: top1 = " in printed
+    assert "> 10" not in printed  # the third rule holds only in part
 
 
 @pytest.mark.parametrize(
@@ -142,3 +143,25 @@ def test_layers_command_bad_input_is_exit_2(model_dir, corpus, tmp_path, capsys)
     assert run("layers", "--reference", "/nonexistent/model", "--quantize", "int8",
                "--dataset", str(corpus)) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_one_loader_renames_clashing_candidates(monkeypatch):
+    """compare, layers and tasks load through one function with one renaming rule."""
+    import argparse
+
+    from qmetrics.cli.common import load_model_pair, load_models
+    from qmetrics.evaluation import models
+
+    def fake_load(name, **kwargs):
+        return models.ModelEntry(Path(name).name, None, None, {"kwargs": kwargs})
+
+    monkeypatch.setattr(models, "load_pretrained", fake_load)
+    monkeypatch.setattr(models, "rtn_candidate",
+                        lambda ref, spec: models.ModelEntry(f"rtn-{spec}", None, None))  # fmt: skip
+    args = argparse.Namespace(reference="/a/m", candidate="/b/m", device="cpu", dtype="auto",
+                              trust_remote_code=False)  # fmt: skip
+    ref, cands = load_models(args, ["/b/m", "/c/m", "/d/x"], ["int8", "int8"])
+    assert ref.name == "m"
+    assert [c.name for c in cands] == ["m-2", "m-3", "x", "rtn-int8", "rtn-int8-2"]
+    assert cands[0].origin["kwargs"]["device"] == "cpu"
+    assert [e.name for e in load_model_pair(args)] == ["m", "m-2"]

@@ -1,4 +1,5 @@
-"""The --fail-if gate (qmetrics.reports.gate) and the report writers (qmetrics.reports.compare)."""
+"""The --fail-if gate (qmetrics.reports.gate), the report writers (qmetrics.reports.compare) and
+the shared formatting (qmetrics.reports.format)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,18 @@ from qmetrics.reports.compare import (
     render_text_table,
     write_reports,
 )
-from qmetrics.reports.gate import METRICS, Threshold, check_gate, metric_value, parse_gate
+from qmetrics.reports.format import fmt_p, table, text_table
+from qmetrics.reports.gate import (
+    METRICS,
+    Clause,
+    Rule,
+    Threshold,
+    check_gate,
+    check_task_gate,
+    metric_value,
+    parse_gate,
+    parse_task_gate,
+)
 
 REF = "tiny-ref"
 CANDS = {"int8": 0.02, "rtn-int4": 0.6}  # name -> logit noise scale
@@ -94,19 +106,32 @@ def report(base_report: dict[str, Any]) -> dict[str, Any]:
 def test_parse_gate_basic_and_whitespace() -> None:
     got = parse_gate(" kl_mean > 0.05 ,top1<0.90,  PPL_RATIO>=1.05 ,kl_p999 <= 2e-1")
     assert got == [
-        Threshold("kl_mean", ">", 0.05),
-        Threshold("top1", "<", 0.90),
-        Threshold("ppl_ratio", ">=", 1.05),
-        Threshold("kl_p999", "<=", 0.2),
+        Rule((Threshold("kl_mean", ">", 0.05),)),
+        Rule((Threshold("top1", "<", 0.90),)),
+        Rule((Threshold("ppl_ratio", ">=", 1.05),)),
+        Rule((Threshold("kl_p999", "<=", 0.2),)),
     ]
     assert str(got[0]) == "kl_mean > 0.05"
     with pytest.raises(AttributeError):
-        got[0].value = 1.0  # type: ignore[misc]
+        got[0].clauses[0].value = 1.0  # type: ignore[misc]
+
+
+def test_parse_gate_rules_and_clauses() -> None:
+    """',' and ';' separate rules; '&' and 'and' join the clauses of one rule."""
+    got = parse_gate("kl_mean>0.05 & top1<0.9; ppl_ratio>1.05, kl_max>3 AND top1<=0.5")
+    assert got == [
+        Rule((Clause("kl_mean", ">", 0.05), Clause("top1", "<", 0.9))),
+        Rule((Clause("ppl_ratio", ">", 1.05),)),
+        Rule((Clause("kl_max", ">", 3.0), Clause("top1", "<=", 0.5))),
+    ]
+    assert str(got[0]) == "kl_mean > 0.05 & top1 < 0.9"
+    with pytest.raises(ValueError, match="clause 2 '': empty clause"):
+        parse_gate("kl_mean>1 & ")
 
 
 def test_every_metric_name_parses() -> None:
     for name in METRICS:
-        assert parse_gate(f"{name}>1") == [Threshold(name, ">", 1.0)]
+        assert parse_gate(f"{name}>1") == [Rule((Clause(name, ">", 1.0),))]
     for name in ("kl_p50", "kl_p90", "kl_p95", "kl_p99", "kl_p999", "nonfinite_frac", "ppl"):
         assert name in METRICS
 
@@ -255,6 +280,69 @@ def test_no_candidates_is_a_violation(report: dict[str, Any]) -> None:
     assert len(got) == 1 and "no candidate" in got[0]
 
 
+def test_rule_breaks_only_when_all_its_clauses_hold(report: dict[str, Any]) -> None:
+    report["comparisons"]["rtn-int4"]["means"]["kl"]["value"] = 0.0712
+    report["comparisons"]["rtn-int4"]["agreement"]["top1"]["value"] = 0.85
+    report["comparisons"]["int8"]["means"]["kl"]["value"] = 0.0712
+    report["comparisons"]["int8"]["agreement"]["top1"]["value"] = 0.95
+    got = check_gate(parse_gate("kl_mean>0.05 & top1<0.9"), report)
+    assert got == ["rtn-int4: kl_mean = 0.0712 > 0.05 and top1 = 0.85 < 0.9"]
+
+
+def _compare_report(a: bool, b: bool, c: bool) -> dict[str, Any]:
+    """One candidate for which A = kl_mean>0.05, B = top1<0.9, C = ppl_ratio>1.05 hold as
+    given."""
+    cmp = {"means": {"kl": {"value": 0.1 if a else 0.01}},
+           "agreement": {"top1": {"value": 0.8 if b else 0.95}},
+           "perplexity": {"ppl_ratio": {"value": 1.1 if c else 1.01}}}  # fmt: skip
+    return {"comparisons": {"cand": cmp}}
+
+
+def _tasks_report(a: bool, b: bool, c: bool) -> dict[str, Any]:
+    """One task row for which A = acc_drop>0.02, B = p<0.05, C = agreement<0.9 hold as
+    given."""
+    row = {"metric": "acc", "drop": 0.05 if a else 0.0,
+           "test": {"method": "mcnemar_exact", "p_value": 0.01 if b else 0.5}}  # fmt: skip
+    return {"comparisons": [{"task": "t", "filter": "none", "agreement": 0.8 if c else 0.95,
+                             "metrics": [row]}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("a", [False, True])
+@pytest.mark.parametrize("b", [False, True])
+@pytest.mark.parametrize("c", [False, True])
+@pytest.mark.parametrize("joiner, separator", [("&", ","), (" and ", ";"), ("&", ";")])
+def test_same_gate_same_decision_in_compare_and_tasks(a, b, c, joiner, separator) -> None:
+    """``A&B, C`` means (A and B) or C in both commands."""
+    compare_gate = parse_gate(f"kl_mean>0.05{joiner}top1<0.9{separator} ppl_ratio>1.05")
+    tasks_gate = parse_task_gate(f"acc_drop>0.02{joiner}p<0.05{separator} agreement<0.9")
+    expected = (a and b) or c
+    assert bool(check_gate(compare_gate, _compare_report(a, b, c))) == expected
+    assert bool(check_task_gate(tasks_gate, _tasks_report(a, b, c))) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["acc_drop>0.02,p<0.05", "drop>0.1, agreement<0.5", "acc_drop>0.02,p<0.05; drop>1"]
+)
+def test_old_tasks_grammar_is_refused_as_ambiguous(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_task_gate(text)
+    message = str(info.value)
+    assert "ambiguous" in message and "'&'" in message and "';'" in message
+    assert "\n" not in message
+    parse_gate("kl_mean>1,top1<0.5")  # in compare a comma always meant OR
+
+
+def test_tasks_gate_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="unknown metric 'acc_dorp' .did you mean 'acc_drop'"):
+        parse_task_gate("acc_dorp>1")
+    with pytest.raises(ValueError, match="names several metrics"):
+        parse_task_gate("acc_drop>1 & word_perplexity_drop>1")
+    assert parse_task_gate("acc_drop>0.02;p<0.05") == [
+        Rule((Clause("acc_drop", ">", 0.02),)),
+        Rule((Clause("p", "<", 0.05),)),
+    ]
+
+
 # --- reports ------------------------------------------------------------------------------------
 
 
@@ -366,5 +454,27 @@ def test_render_terminal_table_without_rich(report: dict[str, Any], monkeypatch)
     got = render_terminal_table(report)
     assert isinstance(got, str) and got == render_text_table(report)
     lines = got.splitlines()
-    assert lines[0].startswith("Model") and len(lines) == 2 + 1 + len(CANDS)
+    assert lines[0].startswith("qmetrics: candidates vs tiny-ref")
+    assert lines[1].startswith("Model") and len(lines) == 1 + 2 + 1 + len(CANDS)
     assert all(name in got for name in CANDS)
+
+
+# --- shared formatting ---------------------------------------------------------------------------
+
+
+def test_text_table_aligns_and_rich_falls_back(monkeypatch) -> None:
+    text = text_table("T", ["#", "name", "x"], [["1", "ab", "3.5"], ["10", "c", "12.25"]], {1})
+    assert text.splitlines() == ["T", " #  name      x", "--  ----  -----",
+                                 " 1  ab      3.5", "10  c     12.25"]  # fmt: skip
+    monkeypatch.setitem(sys.modules, "rich.table", None)
+    assert table("T", ["#", "name", "x"], [["1", "ab", "3.5"], ["10", "c", "12.25"]],
+                 left={1}) == text  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("p", "text"),
+    [(None, "n/a"), (float("nan"), "n/a"), (0.0, "0"), (3.2e-6, "3.2e-06"), (9.99e-5, "1.0e-04"),
+     (1e-4, "0.0001"), (0.03125, "0.0312"), (1.0, "1")],
+)  # fmt: skip
+def test_fmt_p_shows_small_p_values(p, text) -> None:
+    assert fmt_p(p) == text

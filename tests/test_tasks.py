@@ -19,7 +19,7 @@ from qmetrics.evaluation.models import ModelEntry, clone_entry
 from qmetrics.evaluation.tasks import offline_task_dir
 from qmetrics.evaluation.tasks.comparison import compare_runs, mcnemar_exact
 from qmetrics.evaluation.tasks.runner import TaskSettings, TasksUnavailableError, require_lm_eval
-from qmetrics.reports.task_gate import check_task_gate, parse_task_gate
+from qmetrics.reports.gate import check_task_gate, parse_task_gate
 
 HAS_LM_EVAL = all(importlib.util.find_spec(m) for m in ("lm_eval", "accelerate", "transformers"))
 needs_lm_eval = pytest.mark.skipif(
@@ -120,10 +120,10 @@ def _report(*metrics: tuple[str, float, float | None], agreement: float = 0.9) -
 
 
 def test_task_gate():
-    rules = parse_task_gate("acc_drop>0.02,p<0.05; agreement<0.5")
+    rules = parse_task_gate("acc_drop>0.02 & p<0.05; agreement<0.5")
     assert [str(c) for c in rules[0]] == ["acc_drop > 0.02", "p < 0.05"]
     assert check_task_gate(rules, _report(("acc", 0.03, 0.01))) == [
-        "t acc: drop = 0.03 > 0.02 and p = 0.01 < 0.05"
+        "t acc: acc_drop = 0.03 > 0.02 and p = 0.01 < 0.05"
     ]
     assert check_task_gate(rules, _report(("acc", 0.03, 0.2))) == []  # not significant
     assert check_task_gate(rules, _report(("acc", 0.01, 0.01))) == []  # too small
@@ -139,25 +139,90 @@ def test_task_gate():
     assert check_task_gate(parse_task_gate("acc_norm_drop>0"), _report(("acc", 0.1, 0.5))) == [
         "no task results for metric 'acc_norm' (gate: acc_norm_drop > 0)"
     ]
-    for bad in ("", "acc_drop>", "acc_fall>1", "acc_drop>x", "acc_drop>1,,p<1",
-                "acc_drop>1,word_perplexity_drop>1", "acc_drop=1", "acc_drop>inf"):  # fmt: skip
+    for bad in ("", "acc_drop>", "acc_fall>1", "acc_drop>x", "acc_drop>1&&p<1",
+                "acc_drop>1&word_perplexity_drop>1", "acc_drop=1", "acc_drop>inf",
+                "acc_drop>1,p<1"):  # fmt: skip
         with pytest.raises(ValueError, match="--fail-if"):
             parse_task_gate(bad)
+
+
+def test_old_style_tasks_gate_is_exit_2_and_one_line(tmp_path, capsys):
+    """A gate of the old tasks grammar (',' = AND) is refused before anything is loaded."""
+    from qmetrics.cli import main
+
+    code = main(["tasks", "--reference", str(tmp_path / "no-model"), "--quantize", "int4",
+                 "--tasks", "qmetrics_mc", "--fail-if", "acc_drop>0.02,p<0.05"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("qmetrics: error: --fail-if 'acc_drop>0.02,p<0.05' is ambiguous")
+    assert "use '&' to require all clauses, ';' to fail on any" in err
+
+
+def _full_report(p_value: float) -> dict:
+    row = {"metric": "acc", "reference": 0.5, "candidate": 0.4, "delta": -0.1, "drop": 0.1,
+           "won": 1, "lost": 9, "n_paired": 50, "significant_drop": True,
+           "test": {"method": "mcnemar_exact", "p_value": p_value, "ci_low": -0.2,
+                    "ci_high": -0.05}}  # fmt: skip
+    return {"settings": {"tasks": ["t"], "num_fewshot": None, "limit": None, "seed": 1234,
+                         "alpha": 0.05, "max_length": None},
+            "reference": "ref", "candidate": "cand",
+            "comparisons": [{"task": "t", "filter": "none", "agreement": 0.8,
+                             "metrics": [row]}]}  # fmt: skip
+
+
+def test_tasks_markdown_shows_p_and_settings_agree():
+    from qmetrics.reports.tasks import markdown_report
+
+    md = markdown_report(_full_report(3.2e-6))
+    assert "<1e-4" not in md and "3.2e-06 (McNemar)" in md and "(p = 3.2e-06)" in md
+    assert "few-shot task default, limit none, seed 1234" in md
+    assert "| num_fewshot | task default |" in md and "| limit | none |" in md
+    assert "| max_length | from the model config |" in md and "n/a" not in md
+
+
+def test_quiet_progress_disables_every_tqdm_bar(capsys):
+    from tqdm import tqdm
+
+    from qmetrics.evaluation.tasks.runner import quiet_progress
+
+    with quiet_progress():
+        bar = tqdm(range(3), disable=False, desc="lm-eval style")
+        assert bar.disable
+        list(bar)
+    assert "lm-eval style" not in capsys.readouterr().err
+    with quiet_progress(False):
+        assert not tqdm(range(3), disable=False).disable
+    assert not tqdm(range(3), disable=False).disable  # restored
 
 
 # --- with lm-eval ---------------------------------------------------------------------------------
 
 
 @needs_lm_eval
-def test_unknown_task_names_the_task():
+def test_unknown_task_names_the_task(monkeypatch):
+    import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
-    from qmetrics.evaluation.tasks.runner import check_task_names
+    from qmetrics.evaluation.tasks.runner import check_task_names, lm_eval_may_know, task_manager
 
     manager = TaskManager(include_path=str(offline_task_dir()), include_defaults=False)
     check_task_names(manager, ["qmetrics_mc"])
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         check_task_names(manager, ["qmetrics_mc", "nope"])
+    # an unknown name fails without indexing lm-eval's own tasks (seconds)
+    assert lm_eval_may_know("hellaswag") and not lm_eval_may_know("qmetrics_no_such_task")
+    built = []
+
+    class Recording(TaskManager):
+        def __init__(self, *args, include_defaults=True, **kwargs):
+            built.append(include_defaults)
+            super().__init__(*args, include_defaults=include_defaults, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recording)
+    with pytest.raises(ValueError, match="unknown task 'qmetrics_no_such_task'"):
+        task_manager(TaskSettings(tasks=["qmetrics_mc", "qmetrics_no_such_task"]))
+    assert built == [False]
+    assert task_manager(TaskSettings(tasks=["qmetrics_mc"])).all_tasks and built == [False] * 2
 
 
 @needs_lm_eval
@@ -245,7 +310,7 @@ def test_rolling_loglikelihood_equals_qmetrics_perplexity(reference, tok, max_le
 
 @needs_lm_eval
 def test_tasks_command(tmp_path, reference, tok, capsys):
-    from qmetrics.cli import UsageError
+    from qmetrics.cli.common import UsageError
     from qmetrics.cli.tasks import add_tasks_parser, run_tasks
 
     model_dir = tmp_path / "tiny"
@@ -262,9 +327,11 @@ def test_tasks_command(tmp_path, reference, tok, capsys):
 
     with pytest.raises(UsageError, match="--alpha"):
         run_tasks(args("--alpha", "2"))
-    assert run_tasks(args("--fail-if", "drop>-1000000000")) == 1  # every row breaks it
+    # every row breaks the first rule, none the second (its first clause never holds)
+    assert run_tasks(args("--fail-if", "drop>-1000000000; acc_drop>1e9 & p<=1")) == 1
     out = capsys.readouterr().out
     assert "FAIL qmetrics_mc acc: drop" in out and "tasks.json" in out
+    assert "acc_drop" not in out
     report = json.loads((tmp_path / "out" / "tasks.json").read_text())
     assert report["candidate"] == "rtn-int4-g32" and report["settings"]["limit"] == 6
     mc = next(c for c in report["comparisons"] if c["task"] == "qmetrics_mc")

@@ -3,9 +3,9 @@
     qmetrics layers --reference M (--candidate M2 | --quantize SPEC) [--modules PATTERN]...
                     [--ablate [--ablate-by module|type] [--ablate-tokens N]] ...
 
-Writes ``layers.json`` and ``layers.png`` into ``--output`` and prints ranked tables. Bad input
-raises :class:`qmetrics.cli.UsageError` (or ``ValueError``), which ``qmetrics.cli.main`` turns
-into a one-line error with exit code 2.
+Writes ``layers.json`` and ``layers.png`` into ``--output`` and prints ranked tables. Bad
+input raises :class:`qmetrics.cli.common.UsageError` (or ``ValueError``), which
+``qmetrics.cli.main`` turns into a one-line error with exit code 2.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qmetrics.cli import (
+from qmetrics.cli.common import (
     DEFAULT_DATASET,
     UsageError,
-    _print_table,
     add_model_pair_args,
     load_model_pair,
     open_corpus,
+    print_table,
 )
-from qmetrics.evaluation.corpus import check_same_tokens, tokenize_texts
+from qmetrics.evaluation.corpus import token_batches, tokenize_checked
 
 
 def add_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -77,7 +77,6 @@ def run_layers(args: argparse.Namespace) -> int:
         analyze_layers,
         run_ablation,
         select_modules,
-        token_batches,
     )
     from qmetrics.evaluation.rtn_quantize import QuantSpec
     from qmetrics.reports.layers import render_layer_tables, write_layer_reports
@@ -88,10 +87,8 @@ def run_layers(args: argparse.Namespace) -> int:
     dataset = args.dataset or DEFAULT_DATASET
     texts = list(open_corpus(dataset, args.text_field))
     reference, candidate = load_model_pair(args, spec)
-    ids = tokenize_texts(texts, reference.tokenizer, max_tokens=args.max_tokens)
-    if candidate.tokenizer is not None:
-        other = tokenize_texts(texts, candidate.tokenizer, max_tokens=args.max_tokens)
-        check_same_tokens(ids, other, candidate.name)
+    ids = tokenize_checked(texts, reference.tokenizer, [(candidate.name, candidate.tokenizer)],
+                           max_tokens=args.max_tokens)  # fmt: skip
     batches = token_batches(ids, args.context_length, args.batch_size)
     progress = not args.no_progress
 
@@ -129,7 +126,7 @@ def run_layers(args: argparse.Namespace) -> int:
     }
     paths = write_layer_reports(report, args.output)
     for table in render_layer_tables(report):
-        _print_table(table)
+        print_table(table)
     if errors.unmatched:
         print(f"not in the candidate: {', '.join(errors.unmatched)}")
     print(f"reports: {', '.join(str(p) for p in paths.values())}")

@@ -5,10 +5,11 @@
 
 Runs lm-eval on both models with the same settings (:mod:`qmetrics.evaluation.tasks.runner`),
 compares them per item (:mod:`qmetrics.evaluation.tasks.comparison`), prints the table, writes
-``tasks.json`` and ``tasks.md`` into ``--output`` and checks the gate
-(:mod:`qmetrics.reports.task_gate`). Exit codes as ``qmetrics compare``: 0, 1 when the gate is
-broken, 2 for bad input (including a missing lm-eval: the message says how to install it), raised as
-:class:`qmetrics.cli.UsageError` or ``ValueError`` for ``qmetrics.cli.main`` to print on one line.
+``tasks.json`` and ``tasks.md`` into ``--output`` and checks the gate (:mod:`qmetrics.reports.gate`,
+each (task, metric) row a subject). Exit codes as ``qmetrics compare``: 0, 1 when the gate is
+broken, 2 for bad input (including a missing lm-eval: the message says how to install it, and a
+gate in the old grammar, where ',' meant AND), raised as :class:`qmetrics.cli.common.UsageError`
+or ``ValueError`` for ``qmetrics.cli.main`` to print on one line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qmetrics.cli import UsageError, add_model_pair_args, finish_run, load_model_pair
+from qmetrics.cli.common import (
+    UsageError,
+    add_fail_if_arg,
+    add_model_pair_args,
+    finish_run,
+    load_model_pair,
+)
 from qmetrics.evaluation.tasks import OFFLINE_TASKS
 
 
@@ -55,9 +62,11 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=9999,
                    help="bootstrap / permutation resamples")  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("qmetrics-tasks"), metavar="DIR")
-    p.add_argument("--fail-if", default=None, metavar="EXPR",
-                   help='rules, e.g. "acc_drop>0.02,p<0.05; drop>0.05" (clauses of a rule '
-                   "must all hold; rules are separated by ';')")  # fmt: skip
+    add_fail_if_arg(
+        p,
+        '"acc_drop>0.02&p<0.05, agreement<0.9" (names: [METRIC_]drop, delta, '
+        "p, agreement, lost, won)",
+    )
     return p
 
 
@@ -69,13 +78,13 @@ def run_tasks(args: argparse.Namespace) -> int:
         TasksUnavailableError,
         require_lm_eval,
     )
-    from qmetrics.reports.task_gate import check_task_gate, parse_task_gate
+    from qmetrics.reports.gate import check_task_gate, parse_task_gate
 
+    rules = parse_task_gate(args.fail_if) if args.fail_if else []
     try:
         require_lm_eval()
     except TasksUnavailableError as exc:
         raise UsageError(str(exc)) from None
-    rules = parse_task_gate(args.fail_if) if args.fail_if else []
     if not 0.0 < args.alpha < 1.0:
         raise UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.resamples < 1:

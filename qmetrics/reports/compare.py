@@ -10,17 +10,35 @@ show as "n/a" rather than failing, so a partial report still renders.
 
 :func:`markdown_sections` returns the Markdown report as a list of self-contained sections, so
 other commands can add their own before joining them (:func:`markdown_summary` joins them).
+Number formatting and tables come from :mod:`qmetrics.reports.format`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmetrics.metrics.json_values import json_safe
+from qmetrics.reports.format import (
+    NA,
+    PlotUnavailableError,
+    as_number,
+    dig,
+    fmt_count,
+    fmt_memory,
+    fmt_pct,
+    fmt_pm,
+    fmt_ppl,
+    fmt_rate,
+    fmt_small,
+    key_value_section,
+    md_table,
+    table,
+    text_table,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -28,36 +46,9 @@ if TYPE_CHECKING:
 JSON_NAME = "report.json"
 MARKDOWN_NAME = "report.md"
 PLOT_NAME = "kl_cdf.png"
-NA = "n/a"
-
-
-class PlotUnavailableError(RuntimeError):
-    """The KL CDF plot cannot be drawn (matplotlib missing, or no quantiles in the report)."""
 
 
 # --- reading the report -----------------------------------------------------------------------
-
-
-def dig(d: Any, *keys: str) -> Any:
-    """``d[k0][k1]...``, or None when any level is missing or not a mapping."""
-    for key in keys:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(key)
-    return d
-
-
-def as_number(x: Any) -> float | None:
-    """A report value as a float: "inf" / "-inf" → ±inf, None / NaN / non-numbers → None."""
-    if x is None or isinstance(x, bool):
-        return None
-    if isinstance(x, str):
-        return {"inf": math.inf, "-inf": -math.inf}.get(x)
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
 
 
 def _est(d: Any) -> tuple[float | None, float | None]:
@@ -97,107 +88,10 @@ def _ppl_delta_pct(report: Mapping[str, Any], name: str) -> tuple[float | None, 
     return None, None
 
 
-# --- number formatting ------------------------------------------------------------------------
-
-
-def _special(x: float | None) -> str | None:
-    if x is None or math.isnan(x):
-        return NA
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return None
-
-
-def _is_sci(x: float) -> bool:
-    return x != 0 and (abs(x) < 0.01 or abs(x) >= 1e4)
-
-
-def fmt_small(x: float | None, signed: bool = False, like: float | None = None) -> str:
-    """A quantity that is often tiny (KL, ln PPL ratio): scientific below 0.01, else 4 dp.
-
-    ``like``: format in the style chosen for that value instead (for a stderr next to its
-    value, so that ``0.1231 ± 0.0038`` does not read ``0.1231 ± 3.82e-03``)."""
-    if (s := _special(x)) is not None:
-        return s
-    assert x is not None
-    sign = "+" if signed else ""
-    ref = x if like is None or not math.isfinite(like) else like
-    if x == 0 and like is None:
-        return "0"
-    if _is_sci(ref) or (ref == 0 and _is_sci(x)):
-        return f"{x:{sign}.2e}"
-    return f"{x:{sign}.4f}"
-
-
 def _small_pm(x: float | None, err: float | None, signed: bool = False) -> str:
     """``x ± err`` with :func:`fmt_small`, the error in the value's style."""
     value = fmt_small(x, signed=signed)
     return fmt_pm(value, None if err is None else fmt_small(err, like=x))
-
-
-def fmt_pct(frac: float | None, signed: bool = False, scale: float = 100.0) -> str:
-    """A fraction as a percentage with 2 decimals (``scale=1`` when already in percent)."""
-    if (s := _special(frac)) is not None:
-        return s
-    assert frac is not None
-    value = frac * scale
-    if round(value, 2) == 0:
-        value = 0.0  # no "-0.00%"
-    return f"{value:{'+' if signed else ''}.2f}%"
-
-
-def fmt_ppl(x: float | None) -> str:
-    """A perplexity: 3 decimals, fewer when large."""
-    if (s := _special(x)) is not None:
-        return s
-    assert x is not None
-    return f"{x:,.3f}" if abs(x) < 1000 else f"{x:,.1f}"
-
-
-def fmt_pm(value: str, err: str | None) -> str:
-    """``value ± err``, or just the value when the error is unknown."""
-    return value if err in (None, NA) or value == NA else f"{value} ± {err}"
-
-
-def fmt_rate(x: float | None) -> str:
-    """Tokens per second."""
-    if (s := _special(x)) is not None:
-        return s
-    assert x is not None
-    return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
-
-
-def fmt_memory(mb: float | None) -> str:
-    """Memory in MiB, shown as MiB or GiB."""
-    if (s := _special(mb)) is not None:
-        return s
-    assert mb is not None
-    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:.1f} MiB"
-
-
-def fmt_count(x: Any) -> str:
-    """An integer count with thousands separators."""
-    v = as_number(x)
-    if (s := _special(v)) is not None:
-        return s
-    assert v is not None
-    return f"{int(v):,}"
-
-
-def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    """A GitHub Markdown table; ``align`` holds one of l/r per column (default: l then r)."""
-    align = align or "l" + "r" * (len(headers) - 1)
-    sep = ["---:" if a == "r" else ":---" for a in align]
-    lines = [
-        "| " + " | ".join(_md_cell(h) for h in headers) + " |",
-        "| " + " | ".join(sep) + " |",
-    ]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # --- table contents (shared by Markdown and the terminal) --------------------------------------
@@ -297,7 +191,7 @@ def _overview_section(report: Mapping[str, Any]) -> str:
 
 def _models_section(report: Mapping[str, Any]) -> str:
     rows = [_model_row(report, n) for n in _model_names(report)]
-    table = _md_table(
+    table = md_table(
         ["Model", "PPL ± err", "ΔPPL ± err", "tokens/s", "peak memory"],
         [[r["model"], r["ppl"], r["delta"], r["rate"], r["memory"]] for r in rows],
     )
@@ -310,7 +204,7 @@ def _candidates_section(report: Mapping[str, Any]) -> str:
         return "## Drift from the reference\n\nNo candidates were compared."
     k = _top_k(report)
     rows = [_candidate_row(report, n) for n in cands]
-    table = _md_table(
+    table = md_table(
         [
             "Candidate",
             "mean KL ± err",
@@ -337,7 +231,7 @@ def _kl_percentiles_section(report: Mapping[str, Any]) -> str | None:
     for name in cands:
         dist = dig(report, "comparisons", name, "kl_distribution")
         rows.append([name, *(fmt_small(as_number(dig(dist, *keys))) for _, keys in KL_COLUMNS)])
-    table = _md_table(["Candidate", *(label for label, _ in KL_COLUMNS)], rows)
+    table = md_table(["Candidate", *(label for label, _ in KL_COLUMNS)], rows)
     return "## Per-token KL percentiles (nats)\n\n" + table
 
 
@@ -347,23 +241,6 @@ def _plot_section(plot: str | None, plot_note: str | None) -> str | None:
     if plot_note:
         return f"## KL distribution\n\n_Plot skipped: {plot_note}._"
     return None
-
-
-def _key_value_section(title: str, d: Any) -> str | None:
-    if not isinstance(d, Mapping) or not d:
-        return None
-    rows = [[k, _plain(v)] for k, v in d.items()]
-    return f"## {title}\n\n" + _md_table(["Key", "Value"], rows, align="ll")
-
-
-def _plain(v: Any) -> str:
-    if v is None:
-        return NA
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_plain(x) for x in v) or "(none)"
-    if isinstance(v, str):
-        return repr(v) if v != v.strip() or not v else v
-    return str(v)
 
 
 def markdown_sections(
@@ -379,8 +256,8 @@ def markdown_sections(
         _kl_percentiles_section(report),
         _plot_section(plot, plot_note),
         HOW_TO_READ,
-        _key_value_section("Settings", report.get("settings")),
-        _key_value_section("Environment", report.get("environment")),
+        key_value_section("Settings", report.get("settings")),
+        key_value_section("Environment", report.get("environment")),
     ]
     return [s for s in sections if s]
 
@@ -518,36 +395,22 @@ def _terminal_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
     return headers, rows
 
 
+def _terminal_title(report: Mapping[str, Any]) -> str:
+    tokens = fmt_count(report.get("tokens_total"))
+    return f"qmetrics: candidates vs {report.get('reference', NA)} ({tokens} tokens)"
+
+
 def render_text_table(report: Mapping[str, Any]) -> str:
     """The terminal table as plain text (used when rich is not installed)."""
     headers, rows = _terminal_rows(report)
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+    return text_table(_terminal_title(report), headers, rows)
 
 
 def render_terminal_table(report: Mapping[str, Any]) -> Table | str:
     """A rich Table: the reference's row, then one row per candidate with PPL, ΔPPL %, mean
     KL ± err, KL p99, top-1, top-k, RMS Δp, tokens/s and peak memory. Without rich, the same
     table as plain text (:func:`render_text_table`)."""
-    try:
-        from rich.table import Table
-    except ImportError:
-        return render_text_table(report)
     headers, rows = _terminal_rows(report)
-    tokens = fmt_count(report.get("tokens_total"))
-    table = Table(title=f"qmetrics: candidates vs {report.get('reference', NA)} ({tokens} tokens)")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
-    ref = report.get("reference")
-    for row in rows:
-        table.add_row(*row, style="dim" if row[0] == f"{ref} (ref)" else None)
-    return table
+    ref_row = f"{report.get('reference')} (ref)"
+    styles = ["dim" if row[0] == ref_row else None for row in rows]
+    return table(_terminal_title(report), headers, rows, styles=styles)

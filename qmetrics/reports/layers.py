@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from qmetrics.metrics.json_values import json_safe
-from qmetrics.reports.compare import (
+from qmetrics.reports.format import (
     NA,
     PlotUnavailableError,
     as_number,
     fmt_count,
+    fmt_db,
     fmt_pct,
     fmt_small,
+    table,
 )
 
 JSON_NAME = "layers.json"
@@ -47,15 +49,6 @@ def ranked_layers(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         return math.inf if v is None else v
 
     return sorted(layers, key=key)
-
-
-def fmt_db(x: float | None) -> str:
-    """A level in dB with one decimal; +inf (no error at all) as "inf"."""
-    if x is None:
-        return NA
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.1f}"
 
 
 def _error_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -100,19 +93,6 @@ def _ablation_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]
     return headers, rows
 
 
-def _text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 1 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([title, line(headers), "  ".join("-" * w for w in widths),
-                      *(line(r) for r in rows)])  # fmt: skip
-
-
 def render_layer_tables(report: Mapping[str, Any]) -> list[Any]:
     """Ranked tables (rich Tables, or plain text without rich): the per-module error, then
     the ablation when there is one."""
@@ -125,19 +105,7 @@ def render_layer_tables(report: Mapping[str, Any]) -> list[Any]:
         title = (f"sensitivity: one unit ablated ({abl.get('mode')}), "
                  f"{fmt_count(abl.get('tokens'))} tokens, highest KL first")  # fmt: skip
         tables.append((title, *_ablation_rows(report)))
-    try:
-        from rich.table import Table
-    except ImportError:
-        return [_text_table(*t) for t in tables]
-    out = []
-    for title, headers, rows in tables:
-        table = Table(title=title)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i == 1 else "right", no_wrap=True)
-        for row in rows:
-            table.add_row(*row)
-        out.append(table)
-    return out
+    return [table(title, headers, rows, left=(1,)) for title, headers, rows in tables]
 
 
 def plot_layers(report: Mapping[str, Any], path: str | Path) -> Path:

@@ -11,7 +11,6 @@ report can include.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,16 @@ from typing import Any
 from qmetrics.evaluation.tasks.comparison import TaskComparison
 from qmetrics.evaluation.tasks.runner import TaskRun, TaskSettings
 from qmetrics.metrics.json_values import json_safe
-from qmetrics.reports.compare import (
+from qmetrics.reports.format import (
     NA,
-    _key_value_section,
-    _md_table,
     as_number,
+    fmt_p,
     fmt_pct,
     fmt_small,
+    key_value_section,
+    md_table,
+    plain,
+    table,
 )
 
 JSON_NAME = "tasks.json"
@@ -83,13 +85,6 @@ def build_tasks_report(
 def _score(x: float | None, err: float | None) -> str:
     value = fmt_small(x)
     return value if err is None or value == NA else f"{value} ± {fmt_small(err, like=x)}"
-
-
-def fmt_p(p: float | None) -> str:
-    """A p-value with 3 significant digits (below 1e-4 as "<1e-4")."""
-    if p is None or math.isnan(p):
-        return NA
-    return "<1e-4" if p < 1e-4 else f"{p:.3g}"
 
 
 def _delta(metric: Mapping[str, Any]) -> str:
@@ -154,20 +149,30 @@ def significant_drops(report: Mapping[str, Any]) -> list[str]:
 # --- Markdown -----------------------------------------------------------------------------------
 
 
+#: how an unset setting reads (the header line and the settings table say the same)
+UNSET = {"num_fewshot": "task default", "limit": "none", "max_length": "from the model config"}
+
+
+def settings_text(report: Mapping[str, Any]) -> dict[str, str]:
+    """The report's settings as text: ``plain`` values, unset ones as :data:`UNSET` says."""
+    settings = report.get("settings") or {}
+    return {k: UNSET[k] if v is None and k in UNSET else plain(v) for k, v in settings.items()}
+
+
 def markdown_section(report: Mapping[str, Any]) -> str:
     """One Markdown section (``## Downstream tasks``): models, settings in one line, the task
     table and the list of significant drops."""
-    s = report.get("settings") or {}
+    s = settings_text(report)
     headers, rows = task_rows(report)
     lines = [
         "## Downstream tasks (lm-evaluation-harness)",
         "",
         f"`{report.get('candidate', NA)}` vs `{report.get('reference', NA)}`; few-shot "
-        f"{s.get('num_fewshot') if s.get('num_fewshot') is not None else 'task default'}, "
-        f"limit {s.get('limit') if s.get('limit') is not None else 'none'}, seed {s.get('seed')}, "
-        f"alpha {s.get('alpha')}. ↓: lower is better; ▼: significant drop.",
+        f"{s.get('num_fewshot', UNSET['num_fewshot'])}, limit {s.get('limit', UNSET['limit'])}, "
+        f"seed {s.get('seed', NA)}, alpha {s.get('alpha', NA)}. "
+        "↓: lower is better; ▼: significant drop.",
         "",
-        _md_table(headers, rows, align="llrrrrrrrl") if rows else "No task results.",
+        md_table(headers, rows, align="llrrrrrrrl") if rows else "No task results.",
     ]
     drops = significant_drops(report)
     lines += ["", "Significant drops: " + ("; ".join(drops) if drops else "none") + "."]
@@ -175,14 +180,14 @@ def markdown_section(report: Mapping[str, Any]) -> str:
 
 
 def markdown_report(report: Mapping[str, Any]) -> str:
-    """The whole ``tasks.md``: title, :func:`markdown_section`, how to read it, settings and
-    environment."""
+    """The whole ``tasks.md``: title, :func:`markdown_section`, how to read it, settings (as
+    :func:`settings_text`, so they agree with the header line) and environment."""
     sections = [
         "# qmetrics tasks report",
         markdown_section(report),
         HOW_TO_READ,
-        _key_value_section("Settings", report.get("settings")),
-        _key_value_section("Environment", report.get("environment")),
+        key_value_section("Settings", settings_text(report)),
+        key_value_section("Environment", report.get("environment")),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -202,23 +207,8 @@ def write_task_reports(report: Mapping[str, Any], out_dir: str | Path) -> dict[s
 
 
 def render_task_table(report: Mapping[str, Any]) -> Any:
-    """The task table as a rich Table, or as plain text without rich."""
+    """The task table as a rich Table (flagged drops in bold red), or as plain text."""
     headers, rows = task_rows(report)
     title = f"tasks: {report.get('candidate', NA)} vs {report.get('reference', NA)}"
-    try:
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-        def line(cells: Sequence[str]) -> str:
-            cols = enumerate(zip(cells, widths, strict=True))
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in cols).rstrip()
-
-        return "\n".join([title, line(headers), "  ".join("-" * w for w in widths),
-                          *(line(r) for r in rows)])  # fmt: skip
-    table = Table(title=title)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*row, style="bold red" if row[-1] else None)
-    return table
+    styles = ["bold red" if row[-1] else None for row in rows]
+    return table(title, headers, rows, left=(0, 1), styles=styles)
