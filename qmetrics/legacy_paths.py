@@ -50,10 +50,15 @@ class _AliasLoader(importlib.abc.Loader):
         self.target = target
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(self.target)
+        module = importlib.import_module(self.target)
+        self.spec = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """Nothing to run: the module was executed under its new name."""
+        """Nothing to run: the module was executed under its new name. Only its own
+        ``__spec__``, which the import system overwrote with the alias's, is put back (a
+        package's spec carries the search path that ``importlib.resources`` reads)."""
+        module.__spec__ = self.spec
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):

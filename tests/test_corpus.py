@@ -9,9 +9,13 @@ import torch
 
 from qmetrics.evaluation.corpus import (
     CorpusError,
+    Window,
+    batch_windows,
     check_same_tokens,
     iter_texts,
     make_windows,
+    token_batches,
+    tokenize_checked,
     tokenize_texts,
 )
 from tests.tiny_models import synthetic_text, tiny_tokenizer
@@ -127,3 +131,60 @@ def test_tokenizer_mismatch_names_the_position():
         check_same_tokens(a, torch.tensor([1, 2, 3, 9, 5]), "cand")
     with pytest.raises(CorpusError, match="gives 4 tokens"):
         check_same_tokens(a, a[:4], "cand")
+
+
+class _ShiftedTokenizer:
+    """A tokenizer whose ids differ from ``inner``'s by ``shift`` (ids ≥ ``at``)."""
+
+    def __init__(self, inner, shift: int, at: int = 0):
+        self.inner, self.shift, self.at = inner, shift, at
+        self.bos_token_id = inner.bos_token_id
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = self.inner(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"input_ids": [i + self.shift if i >= self.at else i for i in ids]}
+
+
+def test_tokenize_checked_reads_once_and_checks_every_other_tokenizer():
+    tok = tiny_tokenizer()
+    docs = [synthetic_text(40, seed=i) for i in range(6)]
+    pulled = []
+
+    def stream():
+        for d in docs:
+            pulled.append(d)
+            yield d
+
+    expected = tokenize_texts(docs, tok, max_tokens=50)
+    same = _ShiftedTokenizer(tok, 0)
+    ids = tokenize_checked(stream(), tok, [("a", None), ("b", tok), ("c", same)], max_tokens=50)
+    assert torch.equal(ids, expected)
+    assert len(pulled) < len(docs)  # the stream is read once, only as far as max_tokens needs
+    with pytest.raises(CorpusError, match="tokenizer mismatch: odd .* first at token"):
+        tokenize_checked(docs, tok, [("c", same), ("odd", _ShiftedTokenizer(tok, 1, at=10))])
+
+
+def _windows(*lengths: int) -> list[Window]:
+    out, begin = [], 0
+    for n in lengths:
+        out.append(Window(begin, begin + n, begin))
+        begin += n
+    return out
+
+
+def test_batch_windows_groups_equal_lengths_within_the_budget():
+    ws = _windows(8, 8, 8, 8, 8, 5)
+    assert [[w.begin for w in b] for b in batch_windows(ws, 2)] == [[0, 8], [16, 24], [32], [40]]
+    assert [len(b) for b in batch_windows(ws, 3, max_tokens=30)] == [3]  # 24 tokens; 32 > 30
+    assert [len(b) for b in batch_windows(ws, 3, max_tokens=1)] == [1]  # at least one window
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an int ≥ 1"):
+            batch_windows(ws, bad)
+
+
+def test_token_batches_stack_the_windows():
+    ids = torch.arange(40)
+    batches = token_batches(ids, context_length=16, batch_size=2)
+    assert [tuple(b.shape) for b in batches] == [(2, 16), (1, 8)]
+    assert torch.equal(torch.cat([b.reshape(-1) for b in batches]), ids)
+    assert [tuple(b.shape) for b in token_batches(ids, 16, 2, max_tokens=20)] == [(1, 16)]

@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from qmetrics import LogitStats  # noqa: E402
-from qmetrics.evaluation.compare import QuantizationEvaluator  # noqa: E402
+from qmetrics.evaluation import compare as compare_module  # noqa: E402
+from qmetrics.evaluation.compare import ModelFigures, QuantizationEvaluator  # noqa: E402
 from qmetrics.evaluation.corpus import CorpusError  # noqa: E402
 from qmetrics.evaluation.models import ModelEntry, rtn_candidate  # noqa: E402
 from tests.tiny_models import synthetic_text, tiny_llama, tiny_tokenizer  # noqa: E402
@@ -142,6 +143,8 @@ def test_resume_gives_identical_statistics(models, tmp_path):
         [TEXT], resume=True, on_batch=lambda done, total: seen.append(done)
     )
     assert seen[0] == 5  # batches 1-4 were checkpointed and not recomputed
+    # each process's first batch (2 windows × 32 tokens) is a warm-up, kept out of tokens/s
+    assert resumed.figures["ref"].warmup_tokens == 2 * 64
     assert resumed.comparisons[cand.name].to_dict() == full.comparisons[cand.name].to_dict()
     assert resumed.perplexity == full.perplexity
 
@@ -158,3 +161,46 @@ def test_candidate_tokenizer_mismatch_is_an_error(models):
     odd = ModelEntry("odd", cand.model, other_tok)
     with pytest.raises(CorpusError, match="tokenizer mismatch: odd"):
         QuantizationEvaluator(ref, [odd], context_length=32, progress=False).evaluate([TEXT])
+
+
+def test_figures_leave_out_the_warmup_batch(models):
+    ref, cand = models
+    ev = QuantizationEvaluator(
+        ref, [cand], context_length=32, batch_size=2, max_tokens=200, progress=False
+    )
+    res = ev.evaluate([TEXT])
+    batches = ev.batches(len(ev.tokenize([TEXT])))
+    assert len(batches) > 1
+    sizes = [sum(w.length for w in b) for b in batches]
+    for fig in res.figures.values():
+        assert (fig.tokens, fig.warmup_tokens) == (sum(sizes), sizes[0])
+        assert 0 < fig.warmup_seconds < fig.forward_seconds
+        steady = (fig.tokens - fig.warmup_tokens) / (fig.forward_seconds - fig.warmup_seconds)
+        assert fig.tokens_per_second == pytest.approx(steady)
+        assert fig.peak_memory_source == "rss" and fig.peak_memory_mb >= 0.0
+    figures = res.to_dict()["models"]["ref"]["figures"]
+    assert figures["warmup_tokens"] == sizes[0] and figures["peak_memory_source"] == "rss"
+
+
+def test_model_figures_rate_falls_back_to_all_batches():
+    only_warmup = ModelFigures(forward_seconds=2.0, tokens=100, warmup_seconds=2.0,
+                               warmup_tokens=100)  # fmt: skip
+    assert only_warmup.tokens_per_second == 50.0
+    steady = ModelFigures(forward_seconds=3.0, tokens=300, warmup_seconds=2.0, warmup_tokens=100)
+    assert steady.tokens_per_second == 200.0  # 200 tokens in the 1 s after the warm-up
+    assert ModelFigures().tokens_per_second is None
+
+
+def test_cpu_peak_memory_is_the_rss_growth_since_the_run_started(models, monkeypatch):
+    ref, cand = models
+    assert compare_module.peak_rss_mb() > 0.0
+    readings = iter([100.0, 130.0, 120.0, 150.0, 140.0])  # run start, then after each forward
+
+    monkeypatch.setattr(compare_module, "peak_rss_mb", lambda: next(readings))
+    ev = QuantizationEvaluator(
+        ref, [cand], context_length=32, batch_size=1, max_tokens=64, progress=False
+    )
+    figures = ev.evaluate(torch.arange(64) % 300).figures
+    # two batches: ref reads 130 then 150, the candidate 120 then 140 (largest growth kept)
+    assert figures["ref"].peak_memory_mb == 50.0
+    assert figures[cand.name].peak_memory_mb == 40.0

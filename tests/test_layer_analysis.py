@@ -190,3 +190,37 @@ def test_layers_command_writes_reports(ref, tmp_path, capsys):
     assert "layer error" in printed and "sensitivity" in printed
     with pytest.raises(UsageError, match="--context-length"):
         run_layers(parser.parse_args([*argv[:7], "--context-length", "1"]))
+
+
+def test_old_path_and_split_modules_hold_the_same_objects():
+    import importlib
+
+    import qmetrics
+    from qmetrics.evaluation import ablation, corpus, layers, module_selection
+
+    old = importlib.import_module("qmetrics.layer_analysis")  # the flat 0.1 path
+
+    for name in ("run_ablation", "ablation_units", "AblationResult", "UnitResult", "JOINT"):
+        assert getattr(old, name) is getattr(ablation, name)
+    assert old.token_batches is corpus.token_batches
+    assert old.select_modules is module_selection.select_modules
+    assert old.match_modules is module_selection.match_modules
+    assert qmetrics.AblationResult is ablation.AblationResult
+    assert qmetrics.LayerAnalysis is layers.LayerAnalysis
+
+
+def test_as_entry_and_module_device():
+    from qmetrics.evaluation.models import ModelEntry, as_entry, module_device
+
+    with pytest.raises(ValueError, match="reference must be a ModelEntry or a torch.nn.Module"):
+        as_entry("gpt2", "reference")
+    relu = nn.ReLU().train()
+    entry = as_entry(relu, "act", tokenizer="tok")
+    assert (entry.name, entry.model, entry.tokenizer) == ("act", relu, "tok")
+    assert entry.origin == {"source": "object", "class": "ReLU"} and not relu.training
+    given = ModelEntry("m", relu)
+    assert as_entry(given, "ignored", tokenizer="tok") is given and given.tokenizer == "tok"
+    meta = torch.device("meta")
+    assert module_device(relu) == torch.device("cpu")
+    assert module_device(relu, meta) == meta
+    assert module_device(nn.Linear(2, 2, device=meta)) == meta

@@ -6,6 +6,22 @@ with next-token labels, into one :class:`qmetrics.LogitStats` per candidate. Per
 model comes out of the same pass: PPL = exp(mean NLL) over the scored tokens, with windows as in
 :func:`qmetrics.evaluation.corpus.make_windows`. Only one chunk of logits per model is alive at a
 time. A run can checkpoint its accumulators and resume without recomputing finished windows.
+
+Figures (:class:`ModelFigures`, per model). ``forward_seconds`` and ``tokens`` cover every batch
+(forward passes and the output head, synchronised on CUDA). The first batch a process runs is a
+warm-up (allocations, kernel selection: 2–3× slower than the rest), recorded apart in
+``warmup_seconds`` / ``warmup_tokens``; ``tokens_per_second`` leaves it out — (tokens −
+warmup_tokens) / (forward_seconds − warmup_seconds) — unless no other batch ran, when it is
+tokens / forward_seconds. ``peak_memory_mb`` (``peak_memory_source`` says which):
+
+- ``"cuda"``: the most ``torch.cuda.max_memory_allocated`` rose above the allocation before one
+  of the model's forward passes (peak stats reset before each);
+- ``"rss"`` (a model on the CPU): how far the process's peak resident set size (``VmHWM`` in
+  ``/proc/self/status``, else ``getrusage``'s ``ru_maxrss``) had grown since the run started,
+  read after each of the model's forward passes. The peak is process-wide and cannot be reset
+  per model, so this bounds the model's working memory from above: it includes whatever an
+  earlier model (in the same or an earlier batch) pushed the peak to.
+- None: not measured (other devices).
 """
 
 from __future__ import annotations
@@ -24,30 +40,39 @@ import torch
 
 from qmetrics.evaluation.corpus import (
     Window,
-    check_same_tokens,
+    batch_windows,
     iter_texts,
     make_windows,
-    tokenize_texts,
+    tokenize_checked,
 )
 from qmetrics.evaluation.logit_source import LogitSource
-from qmetrics.evaluation.models import ModelEntry
+from qmetrics.evaluation.models import ModelEntry, as_entry
+from qmetrics.evaluation.process_memory import peak_rss_mb
 from qmetrics.evaluation.progress import progress_bar
-from qmetrics.metrics.functional import compare_logits
-from qmetrics.metrics.logit_stats import Estimate, LogitStats, LogitStatsResult
+from qmetrics.metrics.estimate import Estimate
+from qmetrics.metrics.logit_stats import LogitStats, LogitStatsResult
 
 CHECKPOINT_META = "checkpoint.json"
 
 
 @dataclass
 class ModelFigures:
-    """Operational figures of one model over the run."""
+    """Operational figures of one model over the run (meanings: module docstring)."""
 
     forward_seconds: float = 0.0
     tokens: int = 0
     peak_memory_mb: float | None = None
+    warmup_seconds: float = 0.0
+    warmup_tokens: int = 0
+    peak_memory_source: str | None = None  # "cuda", "rss" or None: see the module docstring
 
     @property
     def tokens_per_second(self) -> float | None:
+        """Tokens per second after the warm-up batch (over all batches when only warm-up ran)."""
+        seconds = self.forward_seconds - self.warmup_seconds
+        tokens = self.tokens - self.warmup_tokens
+        if tokens > 0 and seconds > 0:
+            return tokens / seconds
         return self.tokens / self.forward_seconds if self.forward_seconds > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,7 +80,10 @@ class ModelFigures:
             "forward_seconds": self.forward_seconds,
             "tokens": self.tokens,
             "tokens_per_second": self.tokens_per_second,
+            "warmup_seconds": self.warmup_seconds,
+            "warmup_tokens": self.warmup_tokens,
             "peak_memory_mb": self.peak_memory_mb,
+            "peak_memory_source": self.peak_memory_source,
         }
 
 
@@ -129,8 +157,8 @@ class QuantizationEvaluator:
         checkpoint_every: int = 8,
         progress: bool = True,
     ):
-        self.reference = _entry(reference, "reference", tokenizer)
-        self.candidates = [_entry(c, f"candidate-{i}", None) for i, c in enumerate(candidates)]
+        self.reference = as_entry(reference, "reference", tokenizer)
+        self.candidates = [as_entry(c, f"candidate-{i}") for i, c in enumerate(candidates)]
         names = [self.reference.name] + [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
@@ -148,6 +176,7 @@ class QuantizationEvaluator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
         self.progress = progress
+        self._rss_start = 0.0  # the process's peak RSS (MiB) when evaluate() started
 
     # --- corpus -------------------------------------------------------------------------------
 
@@ -156,37 +185,19 @@ class QuantizationEvaluator:
         every candidate's own tokenizer."""
         if isinstance(corpus, torch.Tensor):
             return corpus.long().reshape(-1)
-        read: list[str] = []  # what the reference read (a streamed corpus stops early)
-
-        def recorded(texts: Iterable[str]):
-            for text in texts:
-                read.append(text)
-                yield text
-
-        source = iter_texts(corpus) if isinstance(corpus, str) else corpus
-        ids = tokenize_texts(
-            recorded(source),
+        return tokenize_checked(
+            iter_texts(corpus) if isinstance(corpus, str) else corpus,
             self.reference.tokenizer,
+            [(c.name, c.tokenizer) for c in self.candidates],
             separator=self.separator,
             max_tokens=self.max_tokens,
         )
-        for cand in self.candidates:
-            if cand.tokenizer is not None and cand.tokenizer is not self.reference.tokenizer:
-                other = tokenize_texts(
-                    read, cand.tokenizer, separator=self.separator, max_tokens=self.max_tokens
-                )
-                check_same_tokens(ids, other, cand.name)
-        return ids
 
     def batches(self, n_tokens: int) -> list[list[Window]]:
-        """Windows grouped into batches of equal-length windows, in corpus order."""
-        out: list[list[Window]] = []
-        for w in make_windows(n_tokens, self.context_length, self.stride):
-            if out and len(out[-1]) < self.batch_size and out[-1][0].length == w.length:
-                out[-1].append(w)
-            else:
-                out.append([w])
-        return out
+        """Windows grouped into batches of equal-length windows, in corpus order
+        (:func:`qmetrics.evaluation.corpus.batch_windows`)."""
+        return batch_windows(make_windows(n_tokens, self.context_length, self.stride),
+                             self.batch_size)  # fmt: skip
 
     def settings(self, n_tokens: int) -> dict[str, Any]:
         """The settings that determine the results (a resumed run must match them)."""
@@ -234,10 +245,17 @@ class QuantizationEvaluator:
         bar = progress_bar(self.progress, total=len(batches), initial=start_batch)
         # global window index of each batch's first window: a window's chunks are one sequence
         first_window = np.cumsum([0, *(len(b) for b in batches)]).tolist()
+        self._rss_start = peak_rss_mb()
         try:
             for b in range(start_batch, len(batches)):
+                before = {name: (f.forward_seconds, f.tokens) for name, f in figures.items()}
                 self._run_batch(ids, batches[b], first_window[b], ref_source, sources, pairs,
                                 stats, figures)  # fmt: skip
+                if b == start_batch:  # this process's first batch: the warm-up
+                    for name, (seconds, tokens) in before.items():
+                        fig = figures[name]
+                        fig.warmup_seconds += fig.forward_seconds - seconds
+                        fig.warmup_tokens += fig.tokens - tokens
                 done = b + 1
                 if self.checkpoint_dir and (
                     done % self.checkpoint_every == 0 or done == len(batches)
@@ -310,17 +328,14 @@ class QuantizationEvaluator:
                 _synchronize(logits.device)
                 if m is not self.reference:
                     figures[m.name].forward_seconds += time.perf_counter() - t0
-                dev = logits.device
-                lab = labels[:, sl].to(dev)
-                if not bool((lab != -100).any()):
+                chunk_labels = labels[:, sl]  # on the host: checking it is no device sync
+                if not bool((chunk_labels != -100).any()):
                     continue
-                st.update_metrics(
-                    compare_logits(ref_logits.to(dev), logits, lab, top_k=self.top_k),
-                    sequence_ids=window_ids,
-                )
+                dev = logits.device
+                st.update(ref_logits.to(dev), logits, chunk_labels.to(dev),
+                          sequence_ids=window_ids)  # fmt: skip
 
-    @staticmethod
-    def _timed(source: LogitSource, fig: ModelFigures, fn, input_ids, n_tokens):
+    def _timed(self, source: LogitSource, fig: ModelFigures, fn, input_ids, n_tokens):
         dev = source.device
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -333,7 +348,13 @@ class QuantizationEvaluator:
         fig.tokens += n_tokens
         if dev.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-            fig.peak_memory_mb = max(fig.peak_memory_mb or 0.0, peak)
+            fig.peak_memory_source = "cuda"
+        elif dev.type == "cpu":
+            peak = peak_rss_mb() - self._rss_start
+            fig.peak_memory_source = "rss"
+        else:
+            return out
+        fig.peak_memory_mb = max(fig.peak_memory_mb or 0.0, peak)
         return out
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -391,16 +412,11 @@ class QuantizationEvaluator:
                 figures[name].forward_seconds = fig["forward_seconds"]
                 figures[name].tokens = fig["tokens"]
                 figures[name].peak_memory_mb = fig["peak_memory_mb"]
+                # absent from checkpoints written before the warm-up was kept apart
+                figures[name].warmup_seconds = fig.get("warmup_seconds", 0.0)
+                figures[name].warmup_tokens = fig.get("warmup_tokens", 0)
+                figures[name].peak_memory_source = fig.get("peak_memory_source")
         return int(meta["batches_done"])
-
-
-def _entry(model: ModelEntry | torch.nn.Module, name: str, tokenizer: Any | None) -> ModelEntry:
-    if isinstance(model, ModelEntry):
-        if tokenizer is not None and model.tokenizer is None:
-            model.tokenizer = tokenizer
-        return model
-    model.eval()
-    return ModelEntry(name, model, tokenizer, {"source": "object", "class": type(model).__name__})
 
 
 def _fingerprint(settings: dict[str, Any], ids: torch.Tensor) -> str:
@@ -411,11 +427,14 @@ def _fingerprint(settings: dict[str, Any], ids: torch.Tensor) -> str:
 
 def _environment() -> dict[str, Any]:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import qmetrics
-
+    try:  # the installed distribution's version: the layers never import the facade above them
+        own_version: str | None = version("qmetrics")
+    except PackageNotFoundError:
+        own_version = None
     env: dict[str, Any] = {
-        "qmetrics": qmetrics.__version__,
+        "qmetrics": own_version,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -1,4 +1,6 @@
-"""Evaluation corpora: loading text, tokenizing it once, and cutting scoring windows.
+"""Evaluation corpora: loading text, tokenizing it once (checked against every other model's
+tokenizer: :func:`tokenize_checked`), cutting scoring windows (:func:`make_windows`) and grouping
+them into batches (:func:`batch_windows`, :func:`token_batches`).
 
 Sources: ``"demo"`` (the held-out text shipped with the demo model), local ``.txt`` /
 ``.jsonl`` / ``.parquet`` files (``text_field`` names the column), or a Hugging Face dataset
@@ -8,10 +10,11 @@ Sources: ``"demo"`` (the held-out text shipped with the demo model), local ``.tx
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,6 +151,37 @@ def check_same_tokens(reference: torch.Tensor, other: torch.Tensor, name: str) -
         )
 
 
+def tokenize_checked(
+    texts: Iterable[str],
+    tokenizer: Any,
+    others: Sequence[tuple[str, Any]] = (),
+    *,
+    separator: str = "\n\n",
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """Token ids of ``texts`` under ``tokenizer`` (:func:`tokenize_texts`), checked to be
+    identical under every other ``(name, tokenizer)`` in ``others`` (:func:`check_same_tokens`;
+    a None tokenizer, or ``tokenizer`` itself, is skipped).
+
+    The others read exactly the documents the reference read, so a streamed corpus is read
+    once and only as far as ``max_tokens`` needs. Raises :class:`CorpusError` on a mismatch.
+    """
+    read: list[str] = []
+
+    def recorded(source: Iterable[str]) -> Iterator[str]:
+        for text in source:
+            read.append(text)
+            yield text
+
+    ids = tokenize_texts(recorded(texts), tokenizer, separator=separator, max_tokens=max_tokens)
+    for name, other in others:
+        if other is None or other is tokenizer:
+            continue
+        theirs = tokenize_texts(read, other, separator=separator, max_tokens=max_tokens)
+        check_same_tokens(ids, theirs, name)
+    return ids
+
+
 @dataclass(frozen=True)
 class Window:
     """Tokens ``[begin, end)`` run through the model; targets at positions ``≥ score_from``
@@ -198,3 +232,35 @@ def make_windows(n_tokens: int, context_length: int, stride: int | None = None) 
         if end == n_tokens:
             break
     return windows
+
+
+def batch_windows(
+    windows: Iterable[Window], batch_size: int, max_tokens: int | None = None
+) -> list[list[Window]]:
+    """``windows`` grouped in order into batches of at most ``batch_size`` consecutive windows
+    of one length (a window of another length starts a new batch). With ``max_tokens`` the
+    windows stop before their total length would exceed it (the first window is always kept).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+    batches: list[list[Window]] = []
+    used = 0
+    for w in windows:
+        if max_tokens is not None and batches and used + w.length > max_tokens:
+            break
+        used += w.length
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].length == w.length:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    return batches
+
+
+def token_batches(
+    ids: torch.Tensor, context_length: int, batch_size: int, max_tokens: int | None = None
+) -> list[torch.Tensor]:
+    """Input-id batches [B, T] of the non-overlapping windows of ``ids``
+    (:func:`make_windows`, :func:`batch_windows`), using at most ``max_tokens`` tokens (at
+    least one window)."""
+    batches = batch_windows(make_windows(len(ids), context_length), batch_size, max_tokens)
+    return [torch.stack([ids[w.begin : w.end] for w in batch]) for batch in batches]

@@ -1,5 +1,7 @@
-"""Loading the models to compare: Hugging Face ids or local paths, already-loaded objects, and
-round-to-nearest candidates made from the reference on the fly."""
+"""Loading the models to compare: Hugging Face ids or local paths, already-loaded objects
+(:func:`as_entry`, the one wrapper of a module as a :class:`ModelEntry`), and round-to-nearest
+candidates made from the reference on the fly; plus the device helpers every evaluation uses
+(:func:`module_device`, :func:`to_device`, :func:`output_head`)."""
 
 from __future__ import annotations
 
@@ -32,12 +34,52 @@ class ModelEntry:
         return module_device(self.model)
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    """Device of a module's first parameter; the CPU for a module without parameters."""
+def module_device(module: torch.nn.Module, default: torch.device | None = None) -> torch.device:
+    """Device of a module's first parameter; ``default`` (the CPU when None) for a module
+    without parameters."""
+    param = next(module.parameters(), None)
+    if param is not None:
+        return param.device
+    return torch.device("cpu") if default is None else default
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (nested) tuples, lists and dicts moved to ``device``;
+    anything else is returned as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's output head (``get_output_embeddings()``), or None when it has none."""
+    fn = getattr(model, "get_output_embeddings", None)
     try:
-        return next(module.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+        return fn() if fn is not None else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def as_entry(
+    model: ModelEntry | torch.nn.Module, name: str, tokenizer: Any | None = None
+) -> ModelEntry:
+    """``model`` as a :class:`ModelEntry`: an entry is returned as is (given ``tokenizer`` when
+    it has none); a bare module is put in eval mode (not copied) and wrapped under ``name``
+    with origin ``{"source": "object", "class": ...}``."""
+    if isinstance(model, ModelEntry):
+        if tokenizer is not None and model.tokenizer is None:
+            model.tokenizer = tokenizer
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"{name} must be a ModelEntry or a torch.nn.Module, got {type(model).__name__}"
+        )
+    model.eval()
+    return ModelEntry(name, model, tokenizer, {"source": "object", "class": type(model).__name__})
 
 
 def resolve_device(device: str | None) -> str:
@@ -100,12 +142,6 @@ def rtn_candidate(reference: ModelEntry, spec: str | QuantSpec) -> ModelEntry:
     return ModelEntry(
         f"rtn-{spec}", model, None, {"source": "rtn", "spec": str(spec), "of": reference.name}
     )
-
-
-def from_object(name: str, model: torch.nn.Module, tokenizer: Any | None = None) -> ModelEntry:
-    """Wrap an already-loaded model (put in eval mode; not copied)."""
-    model.eval()
-    return ModelEntry(name, model, tokenizer, {"source": "object", "class": type(model).__name__})
 
 
 def clone_entry(entry: ModelEntry, name: str) -> ModelEntry:

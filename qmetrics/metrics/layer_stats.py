@@ -18,9 +18,10 @@ scored elements (Σ_r H):
     max abs error  = max_r max |Δ|
 
 State: counts (int64), the four sums and the maximum (float64), and the per-row cosine as
-(n, mean, M2) merged with Chan et al.'s update — for parts a, b with n = n_a + n_b and
-δ = mean_b − mean_a: mean = mean_a + δ·n_b/n, M2 = M2_a + M2_b + δ²·n_a·n_b/n — which gives the
-cosine's standard error s/√n, s² = M2/(n − 1). Sums add and maxima take the max, so any split
+(n, mean, M2) merged with Chan et al.'s update (:func:`qmetrics.metrics.estimate.chan_merge`) —
+for parts a, b with n = n_a + n_b and δ = mean_b − mean_a: mean = mean_a + δ·n_b/n,
+M2 = M2_a + M2_b + δ²·n_a·n_b/n — which gives the cosine's standard error s/√n,
+s² = M2/(n − 1). Sums add and maxima take the max, so any split
 of the data into batches (or accumulators, via :meth:`LayerStats.merge`) gives the same state up
 to float64 rounding.
 """
@@ -34,9 +35,9 @@ from typing import Any
 
 import torch
 
-from qmetrics.metrics.functional import Backend, as_rows, resolve_backend
+from qmetrics.metrics.estimate import Estimate, chan_merge
+from qmetrics.metrics.functional import Backend, as_rows, check_backend, resolve_backend
 from qmetrics.metrics.json_values import json_float
-from qmetrics.metrics.logit_stats import Estimate
 from qmetrics.metrics.validation import FLOAT_DTYPES
 
 SUM_KEYS = ("ref_sq", "cand_sq", "dot", "diff_sq")
@@ -129,15 +130,10 @@ def _combine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
     """The state of the union of the rows behind ``a`` and ``b``."""
     out = {k: a[k] + b[k] for k in (*_COUNTS, *SUM_KEYS)}
     out["max_abs_diff"] = torch.maximum(a["max_abs_diff"], b["max_abs_diff"])
-    na, nb = int(a["rows"]), int(b["rows"])
-    n = na + nb
-    if na == 0 or nb == 0:
-        src = a if nb == 0 else b
-        out["cos_mean"], out["cos_m2"] = src["cos_mean"].clone(), src["cos_m2"].clone()
-    else:
-        delta = b["cos_mean"] - a["cos_mean"]
-        out["cos_mean"] = a["cos_mean"] + delta * (nb / n)
-        out["cos_m2"] = a["cos_m2"] + b["cos_m2"] + delta.square() * (na * nb / n)
+    merged = chan_merge(
+        a["rows"], a["cos_mean"], a["cos_m2"], b["rows"], b["cos_mean"], b["cos_m2"]
+    )
+    out["cos_mean"], out["cos_m2"] = merged.mean, merged.m2
     return out
 
 
@@ -180,8 +176,7 @@ class LayerStats:
     """
 
     def __init__(self, backend: Backend = "auto"):
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        check_backend(backend)
         self.backend: Backend = backend
         self._state = _empty_state()
 

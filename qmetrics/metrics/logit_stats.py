@@ -22,7 +22,8 @@ entropy_ref, entropy_quant, cosine, mse`` as in :mod:`qmetrics.metrics.token_met
 
 State. Each metric keeps count n, mean and M2 = Σ(x − mean)² in float64, plus the co-moment
 C = Σ(nll_ref − mean_ref)(nll_quant − mean_quant). A batch is reduced two-pass (mean, then
-squared deviations) and folded in with Chan et al.'s parallel update; for parts a, b with
+squared deviations) and folded in with Chan et al.'s parallel update
+(:func:`qmetrics.metrics.estimate.chan_merge`); for parts a, b with
 n = n_a + n_b and δ = mean_b − mean_a:
 
     mean = mean_a + δ·n_b/n,   M2 = M2_a + M2_b + δ²·n_a·n_b/n,
@@ -31,6 +32,18 @@ n = n_a + n_b and δ = mean_b − mean_a:
 All metrics share one count, since a row is scored for all of them or for none. The per-token
 ``kl`` and ``delta_p`` of the scored rows are kept too (float32, on CPU, appended chunk-wise;
 4 bytes per token each), for exact percentiles, max and min.
+
+Device. ``update`` makes no host synchronisation: it only enqueues work on the metrics' device.
+There each batch leaves device tensors: sums of the row counts, its (n, mean, M2, C) summary
+(one float64 row, reduced two-pass over the scored rows by masks), its kl / delta_p with NaN
+for unscored rows, and its per-sequence counts and sums. ``compute``, ``state_dict``,
+``merge``, ``sync`` and ``__repr__`` first *settle* them: one wait for the device, then each
+batch is folded into the CPU state above in update order with the same Chan merge, NaNs and
+empty sequences dropped — the state is the one a per-batch fold would give. On CUDA the pending
+chunks are moved to CPU with a non-blocking copy every ``_MAX_CHUNKS`` updates, so device memory
+stays bounded. Out-of-range labels are counted on the device (with the first such value):
+their tokens get NaN NLLs, and ``compute`` / ``state_dict`` raise a ``ValueError`` naming the
+count and the first value.
 
 Sequences. Tokens of one sequence are correlated (a hard passage raises every token's KL), so
 the iid standard error s/√n is optimistic. A *sequence* is one index of the leading dim of an
@@ -56,9 +69,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from qmetrics.metrics.functional import Backend, compare_logits
+from qmetrics.metrics.estimate import Distribution, Estimate, chan_merge
+from qmetrics.metrics.functional import Backend, check_backend, compare_logits
 from qmetrics.metrics.json_values import json_float
 from qmetrics.metrics.token_metrics import FLOAT_FIELDS, TokenMetrics
+from qmetrics.metrics.validation import bad_labels_error, out_of_range_labels
 
 #: Metrics with moments, in state order. The first 6 are always present; the rest need labels.
 METRICS = (
@@ -127,22 +142,6 @@ def _empty_state() -> State:
     return state
 
 
-def _chan(a: State, b: State) -> tuple[torch.Tensor, ...]:
-    """Chan et al.'s merge of the (n, mean, m2, comoment) groups of two states."""
-    na, nb = int(a["n"]), int(b["n"])
-    if nb == 0:
-        return a["n"], a["mean"], a["m2"], a["comoment"]
-    if na == 0:
-        return b["n"], b["mean"], b["m2"], b["comoment"]
-    n = na + nb
-    delta = b["mean"] - a["mean"]
-    mean = a["mean"] + delta * (nb / n)
-    weight = na * nb / n
-    m2 = a["m2"] + b["m2"] + delta.square() * weight
-    comoment = a["comoment"] + b["comoment"] + delta[_I_NLL_REF] * delta[_I_NLL_QUANT] * weight
-    return torch.tensor(n, dtype=torch.int64), mean, m2, comoment
-
-
 def _combine(a: State, b: State) -> State:
     """The state of the union of the data behind ``a`` and ``b`` (``a``'s rows first)."""
     out: State = {}
@@ -151,41 +150,11 @@ def _combine(a: State, b: State) -> State:
             out[spec.name] = a[spec.name] + b[spec.name]
         elif spec.reduction == "cat":
             out[spec.name] = [*a[spec.name], *b[spec.name]]
-    out["n"], out["mean"], out["m2"], out["comoment"] = _chan(a, b)
+    merged = chan_merge(a["n"], a["mean"], a["m2"], b["n"], b["mean"], b["m2"])
+    out["n"] = torch.tensor(merged.n, dtype=torch.int64)
+    out["mean"], out["m2"] = merged.mean, merged.m2
+    out["comoment"] = merged.comoment(a["comoment"], b["comoment"], _I_NLL_REF, _I_NLL_QUANT)
     return out
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A value, its iid standard error and its per-sequence (cluster-robust) standard error
-    (NaN when undefined, e.g. with a single token, or a single sequence for ``stderr_seq``)."""
-
-    value: float
-    stderr: float
-    stderr_seq: float = math.nan
-
-    def to_dict(self) -> dict[str, float | str | None]:
-        return {
-            "value": json_float(self.value),
-            "stderr": json_float(self.stderr),
-            "stderr_seq": json_float(self.stderr_seq),
-        }
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """Max, min and percentiles (``numpy.percentile``, linear) of a per-token metric."""
-
-    max: float
-    min: float
-    percentiles: dict[float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "max": json_float(self.max),
-            "min": json_float(self.min),
-            "percentiles": {f"{p:g}": json_float(v) for p, v in self.percentiles.items()},
-        }
 
 
 @dataclass(frozen=True)
@@ -286,14 +255,15 @@ class LogitStats:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        check_backend(backend)
         self.top_k = top_k
         self.ignore_index = ignore_index
         self.backend: Backend = backend
         self._state: State = _empty_state()
         self._has_labels: bool | None = None
-        self._local: tuple[State, bool | None] | None = None  # pre-sync state, while synced
+        self._pending: _Pending | None = None  # device-side batches not yet in _state
+        self._bad: _BadLabels | None = None  # out-of-range labels settled so far
+        self._local: tuple[State, bool | None, _BadLabels | None] | None = None  # while synced
 
     # --- accumulation ------------------------------------------------------------------------
 
@@ -309,8 +279,9 @@ class LogitStats:
 
     @property
     def tokens_seen(self) -> int:
-        """Rows seen so far (scored + ignored + non-finite)."""
-        return int(self._state["seen"])
+        """Rows seen so far (scored + ignored + non-finite); no host synchronisation."""
+        pending = self._pending.seen if self._pending is not None else 0
+        return int(self._state["seen"]) + pending
 
     def update(
         self,
@@ -321,7 +292,10 @@ class LogitStats:
         sequence_ids: torch.Tensor | None = None,
     ) -> None:
         """Compare one batch of logits [..., V] (and labels [...]) and fold the result in.
-        ``sequence_ids``: see :meth:`update_metrics`."""
+        ``sequence_ids``: see :meth:`update_metrics`.
+
+        No host synchronisation (labels on the logits' device): out-of-range labels are only
+        counted here, and raise in :meth:`compute` / :meth:`state_dict`."""
         self._check_not_synced("update")
         tm = compare_logits(
             ref,
@@ -332,6 +306,9 @@ class LogitStats:
             backend=self.backend,
         )
         self.update_metrics(tm, sequence_ids=sequence_ids)
+        if labels is not None:
+            assert self._pending is not None
+            self._pending.count_bad_labels(labels, ref.shape[-1], self.ignore_index)
 
     def update_metrics(self, tm: TokenMetrics, *, sequence_ids: torch.Tensor | None = None) -> None:
         """Fold in precomputed per-token metrics (e.g. from :func:`qmetrics.compare_logits`).
@@ -342,7 +319,9 @@ class LogitStats:
 
         Raises ``ValueError`` if ``tm.top_k`` differs from this accumulator's, if labels are
         present here but were absent in earlier batches (or the reverse), or if
-        ``sequence_ids`` has the wrong size or negative entries.
+        ``sequence_ids`` has the wrong size or negative entries (negative entries of a tensor
+        on a non-CPU device are found without a sync: the next :meth:`compute` raises).
+        No host synchronisation for metrics on a CUDA device.
         """
         self._check_not_synced("update")
         if tm.top_k != self.top_k:
@@ -350,15 +329,23 @@ class LogitStats:
                 f"top_k mismatch: metrics have top_k={tm.top_k}, expected {self.top_k}"
             )
         self._check_labels(tm.has_labels, "this batch")
-        batch = _batch_state(tm, sequence_ids)
-        self._state = _combine(self._state, batch)
+        if tm.kl.device.type == "mps":  # no float64 there
+            tm = TokenMetrics(top_k=tm.top_k, **{k: v.cpu() for k, v in tm.to_dict().items()})
+        sequences = tm.kl.shape[0] if tm.kl.dim() >= 2 else 1
+        ids = _sequence_ids(sequence_ids, sequences, tm.kl.shape)
+        if self._pending is not None and self._pending.device != tm.kl.device:
+            self._settle()
+        if self._pending is None:
+            self._pending = _Pending(tm.kl.device)
+        self._pending.add(tm, sequences, ids)
         self._has_labels = tm.has_labels
-        self._compact()
 
     def reset(self) -> None:
         """Drop all data (settings stay; labels on/off is decided afresh by the next batch)."""
         self._state = _empty_state()
         self._has_labels = None
+        self._pending = None
+        self._bad = None
         self._local = None
 
     def merge(self, other: LogitStats) -> LogitStats:
@@ -374,7 +361,10 @@ class LogitStats:
         if other._has_labels is not None:
             self._check_labels(other._has_labels, "the other accumulator")
             self._has_labels = other._has_labels
+        self._settle()
+        other._settle()
         self._state = _combine(self._state, other._state)
+        self._bad = _BadLabels.join(self._bad, other._bad)
         self._compact()
         return self
 
@@ -386,8 +376,15 @@ class LogitStats:
         It saves as is with ``safetensors.torch.save_file`` or ``torch.save`` (and loads with
         ``weights_only=True``). Settings are 0-d int64 tensors: ``version``, ``top_k``,
         ``ignore_index``, ``has_labels`` (−1 undecided, 0 no, 1 yes). The backend is an
-        execution choice and is not saved.
+        execution choice and is not saved. Raises ``ValueError`` when out-of-range labels were
+        seen (a saved state never holds them).
         """
+        self._settle()
+        self._raise_bad_labels()
+        return self._state_tensors()
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """:meth:`state_dict` without the bad-label check (the state must be settled)."""
         self._compact(force=True)
         labels = -1 if self._has_labels is None else int(self._has_labels)
         sd = {
@@ -457,6 +454,8 @@ class LogitStats:
             )
         self._state = state
         self._has_labels = None if settings["has_labels"] < 0 else bool(settings["has_labels"])
+        self._pending = None
+        self._bad = None
 
     @classmethod
     def from_state_dict(
@@ -499,15 +498,19 @@ class LogitStats:
         if dist.get_backend(process_group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
 
-        sd = self.state_dict()
+        self._settle()
+        sd = self._state_tensors()
+        # out-of-range labels travel beside the state (every rank's compute() then raises)
+        sd["bad_labels"] = _BadLabels.as_tensor(self._bad)
         gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
         for key, value in sd.items():
             parts = _all_gather(value.to(device), world, process_group)
             for rank, part in enumerate(parts):
                 gathered[rank][key] = part.cpu()
-        local = (self._state, self._has_labels)
+        local = (self._state, self._has_labels, self._bad)
         state = _empty_state()
         labels: bool | None = None
+        bad: _BadLabels | None = None
         for rank, rank_sd in enumerate(gathered):
             top_k, ignore = (
                 _as_int(rank_sd["top_k"], "top_k"),
@@ -528,15 +531,17 @@ class LogitStats:
                 for s in STATE
             }
             state = _combine(state, rank_state)
+            bad = _BadLabels.join(bad, _BadLabels.from_tensor(rank_sd["bad_labels"]))
         self._state = state
         self._has_labels = labels
+        self._bad = bad
         self._compact(force=True)
         self._local = local
 
     def unsync(self) -> None:
         """Restore the local (pre-:meth:`sync`) state; a no-op when not synced."""
         if self._local is not None:
-            self._state, self._has_labels = self._local
+            self._state, self._has_labels, self._bad = self._local
             self._local = None
 
     # --- results -----------------------------------------------------------------------------
@@ -559,8 +564,11 @@ class LogitStats:
         - nll_correlation = C/√(M2_ref·M2_quant) (Pearson);
         - RMS Δp = √mean(Δp²), se = se(Δp²)/(2·RMS) (delta method).
 
-        Raises ``ValueError`` when no row has been scored.
+        Raises ``ValueError`` when no row has been scored, or when out-of-range labels were
+        given to :meth:`update` (naming their count and the first one).
         """
+        self._settle()
+        self._raise_bad_labels()
         st = self._state
         n = int(st["n"])
         seen, ignored, nonfinite = (int(st[k]) for k in ("seen", "ignored", "nonfinite"))
@@ -640,6 +648,7 @@ class LogitStats:
         )
 
     def __repr__(self) -> str:
+        self._settle()
         st = self._state
         return (
             f"LogitStats(top_k={self.top_k}, ignore_index={self.ignore_index}, "
@@ -649,6 +658,24 @@ class LogitStats:
         )
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Fold the device-side pending batches into the CPU state (waits for the device)."""
+        if self._pending is None:
+            return
+        self._state, bad = self._pending.settle(self._state)  # on error the batches stay pending
+        self._pending = None
+        self._bad = _BadLabels.join(self._bad, bad)
+        self._compact()
+
+    def _raise_bad_labels(self) -> None:
+        if self._bad is not None:
+            err = bad_labels_error(self._bad.count, self._bad.first, self._bad.vocab,
+                                   self.ignore_index)  # fmt: skip
+            raise ValueError(
+                f"{err} in the batches given to update(): their tokens got NaN NLL and "
+                "probability; fix the labels and call reset() to start over"
+            )
 
     def _check_not_synced(self, what: str) -> None:
         if self._local is not None:
@@ -682,71 +709,201 @@ class LogitStats:
                 self._state[spec.name] = [joined]
 
 
-def _batch_state(tm: TokenMetrics, sequence_ids: torch.Tensor | None = None) -> State:
-    """The state of one batch of per-token metrics (moments reduced on the metrics' device).
-
-    Sequences: the leading dim when the metrics have ≥ 2 dims, else the whole batch."""
-    sequences = tm.kl.shape[0] if tm.kl.dim() >= 2 else 1
+def _sequence_ids(
+    sequence_ids: torch.Tensor | None, sequences: int, shape: torch.Size
+) -> torch.Tensor | None:
+    """``sequence_ids`` as a 1-D int64 tensor (on its own device), checked: the size always,
+    the sign at once on CPU (elsewhere later, on the device, without a sync)."""
     if sequence_ids is None:
-        ids = torch.full((sequences,), -1, dtype=torch.int64)
-    else:
-        ids = torch.as_tensor(sequence_ids).reshape(-1).to("cpu", torch.int64)
-        if ids.numel() != sequences:
-            raise ValueError(
-                f"sequence_ids has {ids.numel()} entries for {sequences} sequences "
-                f"(metrics of shape {tuple(tm.kl.shape)})"
-            )
-        if bool((ids < 0).any()):
-            raise ValueError("sequence_ids must be ≥ 0")
-    tm = tm.flatten()
-    dev = tm.kl.device
-    if dev.type == "mps":  # no float64 there
-        tm = TokenMetrics(top_k=tm.top_k, **{k: v.cpu() for k, v in tm.to_dict().items()})
-    cols = [getattr(tm, name).double() for name in FLOAT_FIELDS]
-    if tm.has_labels:
-        assert tm.nll_ref is not None and tm.nll_quant is not None
-        assert tm.prob_ref is not None and tm.prob_quant is not None
-        nll_r, nll_q = tm.nll_ref.double(), tm.nll_quant.double()
-        delta_p = tm.prob_quant.double() - tm.prob_ref.double()
-        cols += [nll_r, nll_q, nll_q - nll_r, delta_p, delta_p.square()]
-    x = torch.stack(cols, dim=1)  # [N, M used]
-    scored = tm.scored.bool()
-    valid = scored & tm.finite.bool() & torch.isfinite(x).all(dim=1)
-    xv = x[valid]
-    n = xv.shape[0]
-    state = _empty_state()
-    state["seen"] += x.shape[0]
-    state["ignored"] += int((~scored).sum())
-    state["nonfinite"] += int((scored & ~valid).sum())
-    state["top1_matches"] += int(tm.top1_match[valid].sum())
-    state["topk_matches"] += int(tm.topk_match[valid].sum())
-    if n:
-        mean = xv.mean(dim=0)
-        dev_ = xv - mean
-        used = xv.shape[1]
-        state["n"] += n
-        state["mean"][:used] = mean.cpu()
-        state["m2"][:used] = dev_.square().sum(dim=0).cpu()
+        return None
+    ids = torch.as_tensor(sequence_ids).reshape(-1)
+    if ids.numel() != sequences:
+        raise ValueError(
+            f"sequence_ids has {ids.numel()} entries for {sequences} sequences "
+            f"(metrics of shape {tuple(shape)})"
+        )
+    ids = ids.to(torch.int64)
+    if ids.device.type == "cpu" and bool((ids < 0).any()):
+        raise ValueError("sequence_ids must be ≥ 0")
+    return ids
+
+
+@dataclass(frozen=True)
+class _BadLabels:
+    """Out-of-range labels: how many, the first one seen, and the vocabulary size V."""
+
+    count: int
+    first: int
+    vocab: int
+
+    @staticmethod
+    def join(a: _BadLabels | None, b: _BadLabels | None) -> _BadLabels | None:
+        """Both together, ``a``'s first."""
+        if a is None or b is None:
+            return a if b is None else b
+        return _BadLabels(a.count + b.count, a.first, a.vocab)
+
+    @staticmethod
+    def as_tensor(bad: _BadLabels | None) -> torch.Tensor:
+        values = (0, 0, 0) if bad is None else (bad.count, bad.first, bad.vocab)
+        return torch.tensor(values, dtype=torch.int64)
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> _BadLabels | None:
+        count, first, vocab = (int(v) for v in t.tolist())
+        return _BadLabels(count, first, vocab) if count > 0 else None
+
+
+class _Pending:
+    """Batches folded in on their device since the last settle, with no host synchronisation
+    (module docstring, "Device"). Per update it enqueues a few small reductions; nothing is
+    read back until :meth:`settle`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seen = 0  # rows, known from shapes
+        # ignored, non-finite, top-1 matches, top-k matches (scored rows)
+        self.counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self.bad_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_first = torch.zeros((), dtype=torch.int64, device=device)
+        self.vocab = 0
+        # per batch: [n, mean (len(METRICS)), m2 (len(METRICS)), comoment], float64
+        self.moments: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []  # float32, NaN where not scored
+        self.delta_p: list[torch.Tensor] = []
+        self.seq_n: list[torch.Tensor] = []  # [sequences] scored rows, int64
+        self.seq_sums: list[torch.Tensor] = []  # [sequences, BLOCK_COLS] float64
+        self.seq_id: list[torch.Tensor | int] = []  # ids, or the sequence count when unnamed
+
+    def add(self, tm: TokenMetrics, sequences: int, ids: torch.Tensor | None) -> None:
+        """Enqueue one batch's reductions (two-pass moments over the scored rows, by masks)."""
+        tm = tm.flatten()
+        cols = [getattr(tm, name).double() for name in FLOAT_FIELDS]
+        delta_p = None
         if tm.has_labels:
-            state["comoment"] += float((dev_[:, _I_NLL_REF] * dev_[:, _I_NLL_QUANT]).sum())
-        state["kl_values"].append(tm.kl[valid].float().cpu())
+            assert tm.nll_ref is not None and tm.nll_quant is not None
+            assert tm.prob_ref is not None and tm.prob_quant is not None
+            nll_r, nll_q = tm.nll_ref.double(), tm.nll_quant.double()
+            delta_p = tm.prob_quant.double() - tm.prob_ref.double()
+            cols += [nll_r, nll_q, nll_q - nll_r, delta_p, delta_p.square()]
+        x = torch.stack(cols, dim=1)  # [N, M used]
+        rows, used = x.shape
+        scored = tm.scored.bool()
+        valid = scored & tm.finite.bool() & torch.isfinite(x).all(dim=1)
+        top1 = tm.top1_match.bool() & valid
+        topk = tm.topk_match.bool() & valid
+        self.seen += rows
+        self.counts += torch.stack(
+            [(~scored).sum(), (scored & ~valid).sum(), top1.sum(), topk.sum()]
+        )
+        n = valid.sum().double()
+        xv = torch.where(valid[:, None], x, 0.0)
+        mean = xv.sum(dim=0) / n.clamp_min(1.0)
+        dev = torch.where(valid[:, None], x - mean, 0.0)
+        row = x.new_zeros(2 + 2 * len(METRICS))
+        row[0] = n
+        row[1 : 1 + used] = mean
+        row[1 + len(METRICS) : 1 + len(METRICS) + used] = dev.square().sum(dim=0)
         if tm.has_labels:
-            state["delta_p_values"].append(delta_p[valid].float().cpu())
-        # per-sequence counts and sums (sequences with no scored row are left out)
-        seq = torch.arange(x.shape[0], device=x.device) // max(1, x.shape[0] // sequences)
-        seq = seq[valid]
-        matches = torch.stack([tm.top1_match[valid], tm.topk_match[valid]], dim=1).double()
-        cols = torch.zeros(xv.shape[0], len(BLOCK_COLS), dtype=torch.float64, device=x.device)
-        cols[:, :used] = xv
-        cols[:, len(METRICS) :] = matches
-        sums = torch.zeros(sequences, len(BLOCK_COLS), dtype=torch.float64, device=x.device)
-        sums.index_add_(0, seq, cols)
-        counts = torch.bincount(seq, minlength=sequences)
-        keep = counts > 0
-        state["seq_id"].append(ids[keep.cpu()])
-        state["seq_n"].append(counts[keep].cpu())
-        state["seq_sums"].append(sums[keep].reshape(-1).cpu())
-    return state
+            row[-1] = (dev[:, _I_NLL_REF] * dev[:, _I_NLL_QUANT]).sum()
+        self.moments.append(row[None])
+        nan = torch.tensor(math.nan, dtype=torch.float32, device=x.device)
+        self.kl.append(torch.where(valid, tm.kl.float(), nan))
+        if delta_p is not None:
+            self.delta_p.append(torch.where(valid, delta_p.float(), nan))
+        # per-sequence counts and sums (empty sequences are dropped at settle)
+        seq = torch.arange(rows, device=x.device) // max(1, rows // sequences)
+        block = x.new_zeros(rows, len(BLOCK_COLS))
+        block[:, :used] = xv
+        block[:, len(METRICS)] = top1.double()
+        block[:, len(METRICS) + 1] = topk.double()
+        sums = x.new_zeros(sequences, len(BLOCK_COLS)).index_add_(0, seq, block)
+        counts = torch.zeros(sequences, dtype=torch.int64, device=x.device)
+        self.seq_n.append(counts.index_add_(0, seq, valid.long()))
+        self.seq_sums.append(sums)
+        self.seq_id.append(sequences if ids is None else ids)
+        if len(self.moments) > _MAX_CHUNKS:
+            self._compact()
+
+    def count_bad_labels(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+        """Add the labels outside [0, V) and ≠ ignore_index to the device-side count, and keep
+        the first one seen (first in row order of the earliest batch that had any)."""
+        flat = labels.reshape(-1).to(device=self.device, dtype=torch.int64)
+        bad = out_of_range_labels(flat, vocab, ignore_index)
+        count = bad.sum()
+        first = flat.gather(0, bad.to(torch.int32).argmax().reshape(1)).squeeze(0)
+        self.bad_first = torch.where((self.bad_count == 0) & (count > 0), first, self.bad_first)
+        self.bad_count = self.bad_count + count
+        self.vocab = vocab
+
+    def _compact(self) -> None:
+        """Join the chunk lists; on CUDA start their non-blocking copy to (pinned) CPU memory,
+        which bounds device memory (settle waits for the device before reading them)."""
+        offload = self.device.type == "cuda"
+        for name in ("moments", "kl", "delta_p", "seq_n", "seq_sums"):
+            chunks = getattr(self, name)
+            on_host = [c for c in chunks if c.device.type == "cpu"]
+            on_device = [c for c in chunks if c.device.type != "cpu"]
+            if len(on_device) > 1 or (offload and on_device):
+                joined = torch.cat(on_device)
+                if offload:
+                    joined = joined.to("cpu", non_blocking=True)
+                setattr(self, name, [*on_host, joined])
+            if len(on_host) > 1 and not on_device:
+                setattr(self, name, [torch.cat(on_host)])
+
+    def settle(self, state: State) -> tuple[State, _BadLabels | None]:
+        """``state`` with every pending batch folded in, in order, and the bad labels seen."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # non-blocking copies land before they are read
+
+        def joined(chunks: list[torch.Tensor], dtype: torch.dtype, width: int = 0) -> torch.Tensor:
+            if not chunks:
+                return torch.zeros((0, width) if width else (0,), dtype=dtype)
+            return torch.cat([c.cpu() for c in chunks])
+
+        out = dict(state)
+        counts = self.counts.cpu()
+        out["seen"] = state["seen"] + self.seen
+        for i, key in enumerate(("ignored", "nonfinite", "top1_matches", "topk_matches")):
+            out[key] = state[key] + counts[i]
+        m = len(METRICS)
+        n, mean, m2, comoment = state["n"], state["mean"], state["m2"], state["comoment"]
+        for row in joined(self.moments, torch.float64, 2 + 2 * m):
+            nb = int(row[0])
+            merged = chan_merge(n, mean, m2, nb, row[1 : 1 + m], row[1 + m : 1 + 2 * m])
+            comoment = merged.comoment(comoment, row[-1], _I_NLL_REF, _I_NLL_QUANT)
+            n, mean, m2 = torch.tensor(merged.n, dtype=torch.int64), merged.mean, merged.m2
+        out["n"], out["mean"], out["m2"], out["comoment"] = n, mean, m2, comoment
+        for key, chunks in (("kl_values", self.kl), ("delta_p_values", self.delta_p)):
+            values = joined(chunks, torch.float32)
+            out[key] = [*state[key], values[~values.isnan()]]
+        seq_n = joined(self.seq_n, torch.int64)
+        ids = torch.cat([
+            torch.full((i,), -1, dtype=torch.int64) if isinstance(i, int) else i.cpu()
+            for i in self.seq_id
+        ]) if self.seq_id else torch.zeros(0, dtype=torch.int64)  # fmt: skip
+        if bool((ids[~_unnamed_mask(self.seq_id)] < 0).any()):
+            raise ValueError("sequence_ids must be ≥ 0 (a tensor on the device, checked now)")
+        keep = seq_n > 0
+        out["seq_id"] = [*state["seq_id"], ids[keep]]
+        out["seq_n"] = [*state["seq_n"], seq_n[keep]]
+        sums = joined(self.seq_sums, torch.float64, len(BLOCK_COLS))
+        out["seq_sums"] = [*state["seq_sums"], sums[keep].reshape(-1)]
+        bad = None
+        count = int(self.bad_count)
+        if count:
+            bad = _BadLabels(count, int(self.bad_first), self.vocab)
+        return out, bad
+
+
+def _unnamed_mask(seq_id: list[torch.Tensor | int]) -> torch.Tensor:
+    """True for the sequences of updates without ``sequence_ids``."""
+    parts = [
+        torch.full((i,), True) if isinstance(i, int) else torch.zeros(i.numel(), dtype=torch.bool)
+        for i in seq_id
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def _sequence_covariance(st: State, n: int, mean: list[float]) -> tuple[np.ndarray, int]:
@@ -778,14 +935,8 @@ def _sequence_covariance(st: State, n: int, mean: list[float]) -> tuple[np.ndarr
 
 
 def _distribution(values: torch.Tensor) -> Distribution:
-    """Max, min and percentiles of float32 values (computed in float64)."""
-    arr = values.numpy().astype(np.float64)
-    pct = np.percentile(arr, PERCENTILES)  # linear interpolation (numpy's default)
-    return Distribution(
-        max=float(arr.max()),
-        min=float(arr.min()),
-        percentiles={p: float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
-    )
+    """Max, min and :data:`PERCENTILES` of float32 values (computed in float64)."""
+    return Distribution.of(values, PERCENTILES)
 
 
 def _exp(x: float) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-MAX_TOP_K = 64
+from qmetrics.kernels.limits import MAX_TOP_K
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -43,9 +44,11 @@ def check_top_k(top_k: int, vocab_size: int) -> None:
 
 
 def check_labels(
-    labels: torch.Tensor, lead_shape: torch.Size, vocab_size: int, ignore_index: int
+    labels: object, lead_shape: torch.Size, device: torch.device | None = None
 ) -> None:
-    """Check labels are integers shaped like the leading dims, each in [0, V) or ignore_index."""
+    """Check labels are an integer tensor shaped like the leading dims (and, given ``device``,
+    on that device). Metadata only: no host synchronisation (the values are checked by
+    :func:`check_label_values`, or counted on the device with :func:`out_of_range_labels`)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -55,10 +58,28 @@ def check_labels(
             f"labels shape {tuple(labels.shape)} does not match the logits' leading "
             f"shape {tuple(lead_shape)}"
         )
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if device is not None and labels.device != device:
+        raise ValueError(f"device mismatch: labels on {labels.device}, logits on {device}")
+
+
+def out_of_range_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Bool mask, on the labels' device and shaped like them, of the labels that are neither
+    ``ignore_index`` nor in [0, V). Elementwise ops only: no host synchronisation."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+
+
+def bad_labels_error(count: int, first: int, vocab_size: int, ignore_index: int) -> ValueError:
+    """The error for ``count`` out-of-range labels, ``first`` being the first one seen."""
+    return ValueError(
+        f"labels out of range: {count} label(s) outside [0, V={vocab_size}) "
+        f"and not ignore_index={ignore_index} (e.g. {first})"
+    )
+
+
+def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise :func:`bad_labels_error` when a label is neither ``ignore_index`` nor in [0, V).
+    Eager: reads the result on the host, so it synchronises with the labels' device."""
+    bad = out_of_range_labels(labels, vocab_size, ignore_index)
     if bool(bad.any()):
-        first = labels[bad].reshape(-1)[0].item()
-        raise ValueError(
-            f"labels out of range: {int(bad.sum())} label(s) outside [0, V={vocab_size}) "
-            f"and not ignore_index={ignore_index} (e.g. {first})"
-        )
+        first = int(labels[bad].reshape(-1)[0].item())
+        raise bad_labels_error(int(bad.sum()), first, vocab_size, ignore_index)
