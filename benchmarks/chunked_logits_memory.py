@@ -12,14 +12,11 @@ copies).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
-from benchmarks.harness import _peak_rss_kib, _reset_peak_rss_kib
+from benchmarks.harness import peak_rss_growth_mb, subprocess_json
 
 
-def _child(vocab: int, window: int, batch: int, chunk: int) -> dict:
+def child(vocab: int, window: int, batch: int, chunk: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,11 +36,11 @@ def _child(vocab: int, window: int, batch: int, chunk: int) -> dict:
                                logit_chunk_tokens=chunk, progress=False)  # fmt: skip
     # warm up the code paths on a short corpus, then measure one full batch
     ev.evaluate(ids[: 2 * 64])
-    before = _reset_peak_rss_kib()
-    result = ev.evaluate(ids)
+    results = []
+    growth = peak_rss_growth_mb(lambda: results.append(ev.evaluate(ids)))
     return {
-        "peak_growth_mb": (_peak_rss_kib() - before) / 1024,
-        "tokens_scored": result.comparisons[cand.name].tokens_scored,
+        "peak_growth_mb": growth,
+        "tokens_scored": results[0].comparisons[cand.name].tokens_scored,
     }
 
 
@@ -54,12 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=256)
     args = parser.parse_args(argv)
-    code = (
-        "import json; from benchmarks.chunked_logits_memory import _child; "
-        f"print(json.dumps(_child({args.vocab}, {args.window}, {args.batch}, {args.chunk})))"
+    measured = subprocess_json(
+        "benchmarks.chunked_logits_memory:child", args.vocab, args.window, args.batch, args.chunk
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
     full_mb = args.batch * args.window * args.vocab * 4 / 2**20
     print(f"batch {args.batch} × window {args.window} × V {args.vocab}, chunk {args.chunk}")
     print(f"one full fp32 logit tensor:        {full_mb:10.1f} MiB")

@@ -9,13 +9,20 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-python3 -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+# Install (no network, no build isolation: the box's own setuptools builds it). A failure stops
+# the run loudly, with pip's whole output kept in OUT_DIR/install.txt.
+if ! python3 -m pip install --no-deps --no-build-isolation -e . >"$out/install.txt" 2>&1; then
+  cat "$out/install.txt"
+  echo "gpu_check: pip install -e . FAILED (full log above and in $out/install.txt)" >&2
+  exit 3
+fi
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$out/device.txt"
-# 1. The acceptance table (qmetrics vs the naive baseline, GB/s, % copy bandwidth).
+# 1. The acceptance table (qmetrics vs the seed-style and naive baselines, GB/s, % copy
+# bandwidth); each row lands in $out/compare_logits.md as soon as it is measured.
 timeout 150 python3 -m benchmarks.compare_table --out "$out" 2>&1 | tee "$out/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 # 2. The launch-shape sweep of the fused kernel (tile width x warps), to pick the defaults.
@@ -26,8 +33,9 @@ tune_rc=${PIPESTATUS[0]}
 # Every kernel specialization compiles once per process: spread them over 8 workers when
 # pytest-xdist is there (it is on the lent machines' image).
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+# --continue-on-collection-errors: a module that fails to import is reported, the rest run.
 QMETRICS_TEST_DEVICE=cuda timeout 200 python3 -m pytest tests -q -p no:cacheprovider $parallel \
-  --ignore=tests/test_sm90_compile.py 2>&1 | tee "$out/tests.txt"
+  --continue-on-collection-errors --ignore=tests/test_sm90_compile.py 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 echo "benchmark exit $bench_rc, tuning exit $tune_rc, tests exit $tests_rc" | tee -a "$out/device.txt"
 exit $(( bench_rc || tune_rc || tests_rc ))

@@ -1,28 +1,31 @@
 """Shared benchmark harness: providers, timing, peak extra memory and bandwidth.
 
 Timing on CUDA uses ``triton.testing.do_bench`` (median with 20th/80th percentiles); on the
-CPU, repeated ``time.perf_counter`` runs summarised the same way. Peak extra memory is the
-CUDA allocator's peak above what the inputs hold, or on the CPU the growth of the peak RSS
-(VmHWM, reset after the inputs are built) of a fresh subprocess running the provider once.
+CPU, repeated ``time.perf_counter`` runs summarised the same way, the providers of one shape
+interleaved round by round (``time_interleaved``) so that a busy machine slows them alike.
+Peak extra memory is the CUDA allocator's peak above what the inputs hold, or on the CPU the
+growth of the peak RSS (VmHWM, reset after the inputs are built) of a fresh subprocess running
+the provider once.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from benchmarks.naive_baseline import naive_compare
+from benchmarks.naive_baseline import naive_compare, seed_compare
 from qmetrics import compare_logits
+from qmetrics.evaluation.process_memory import peak_rss_mb, reset_peak_rss
 
-PROVIDERS = ("naive", "naive_compile", "qmetrics", "qmetrics_torch")
+PROVIDERS = ("seed", "naive", "naive_compile", "qmetrics", "qmetrics_torch")
 
 
 def make_inputs(
@@ -42,6 +45,8 @@ _COMPILED: dict[str, Callable] = {}
 
 def provider_fn(name: str, device: str) -> Callable:
     """The callable ``f(ref, quant, labels)`` measured for a provider."""
+    if name == "seed":
+        return seed_compare
     if name == "naive":
         return naive_compare
     if name == "naive_compile":
@@ -72,6 +77,32 @@ def time_fn(fn: Callable[[], object], device: str, reps: int = 10) -> tuple[floa
     return statistics.median(times), q[1], q[7]
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], reps: int = 10
+) -> dict[str, tuple[float, float, float]]:
+    """CPU timing of several providers round-robin (one warm-up call each, then ``reps``
+    rounds), so that load from other processes hits them alike: median, p20, p80 in ms.
+    A provider that raises is left out of the result."""
+    live = {}
+    for name, fn in calls.items():
+        try:
+            fn()
+        except Exception:  # reported by the caller as missing
+            continue
+        live[name] = fn
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(reps):
+        for name, fn in live.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        out[name] = (statistics.median(ts), q[1], q[7])
+    return out
+
+
 def cuda_peak_extra_mb(fn: Callable[[], object]) -> float:
     """CUDA allocator peak above the memory held before the call, in MiB."""
     torch.cuda.synchronize()
@@ -82,55 +113,44 @@ def cuda_peak_extra_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def cpu_peak_extra_mb(provider: str, n: int, vocab: int, dtype: str) -> float:
-    """Peak RSS growth of one call, measured in a fresh subprocess, in MiB."""
-    code = (
-        "import sys, json; from benchmarks.harness import _cpu_memory_child; "
-        f"print(json.dumps(_cpu_memory_child({provider!r}, {n}, {vocab}, {dtype!r})))"
-    )
+def subprocess_json(child: str, *args: object) -> Any:
+    """Run ``module:function(*args)`` in a fresh Python process (so that its peak RSS is its
+    own) and return what it returns, passed back as JSON."""
+    module, function = child.split(":")
+    code = f"import json; from {module} import {function}; print(json.dumps({function}(*{args!r})))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    return float(json.loads(out.strip().splitlines()[-1]))
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def _cpu_memory_child(provider: str, n: int, vocab: int, dtype: str) -> float:
+def subprocess_peak_extra_mb(child: str, *args: object) -> float:
+    """:func:`subprocess_json` for a child that returns a peak RSS growth in MiB."""
+    return float(subprocess_json(child, *args))
+
+
+def peak_rss_growth_mb(fn: Callable[[], object]) -> float:
+    """Peak RSS growth of ``fn()`` above the RSS just before it, in MiB (Linux resets the mark;
+    elsewhere the result is only an upper bound)."""
+    before = reset_peak_rss()
+    fn()
+    return peak_rss_mb() - before
+
+
+def cpu_peak_extra_mb(provider: str, n: int, vocab: int, dtype: str) -> float:
+    """Peak RSS growth of one call, measured in a fresh subprocess, in MiB."""
+    return subprocess_peak_extra_mb(
+        "benchmarks.harness:cpu_memory_child", provider, n, vocab, dtype
+    )
+
+
+def cpu_memory_child(provider: str, n: int, vocab: int, dtype: str) -> float:
+    """In the subprocess: build the inputs, call the provider once (compiling and one-time
+    allocations stay outside the measured peak), then measure a steady-state call."""
     ref, quant, labels = make_inputs(n, vocab, getattr(torch, dtype), "cpu")
     fn = provider_fn(provider, "cpu")
-    if provider == "naive_compile":
-        small = make_inputs(8, vocab, getattr(torch, dtype), "cpu")
-        fn(*small)  # compile outside the measured peak
-    before = _reset_peak_rss_kib()
     fn(ref, quant, labels)
-    return (_peak_rss_kib() - before) / 1024
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss_kib() -> int:
-    """Reset the peak-RSS mark (Linux /proc/self/clear_refs) and return the current RSS in KiB.
-
-    ``ru_maxrss`` cannot be used: a child started by a large parent inherits its mark."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _status_kib("VmRSS") or 0
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss_kib() -> int:
-    peak = _status_kib("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak_rss_growth_mb(lambda: fn(ref, quant, labels))
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
@@ -154,7 +174,9 @@ class Row:
     ms_p20: float
     ms_p80: float
     speedup: float | None = None
+    speedup_seed: float | None = None
     peak_extra_mb: float | None = None
+    pct_seed_mem: float | None = None
     gbs: float | None = None
     pct_copy_bw: float | None = None
     error: str | None = None

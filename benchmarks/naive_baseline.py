@@ -1,7 +1,11 @@
-"""The baseline we measure against: per-token metrics written the way the seed document
-does it (full fp32 ``log_softmax`` copies of both tensors, ``F.kl_div``, ``F.mse_loss``,
-``F.cosine_similarity``, ``argmax``, ``topk``), producing the same fields as
-:func:`qmetrics.compare_logits`."""
+"""The baselines we measure against, on the same logits as :func:`qmetrics.compare_logits`.
+
+- ``naive_compare``: per-token metrics written the way hand-rolled evaluation loops do it (full
+  fp32 ``log_softmax`` copies of both tensors, ``F.kl_div``, ``F.mse_loss``,
+  ``F.cosine_similarity``, ``argmax``, ``topk``), producing the same fields as qmetrics.
+- ``seed_compare``: the seed document's own code (sections "Logit Similarity" and "Token-Level
+  Accuracy"), which returns only batch means.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +44,46 @@ def naive_compare(
         out["prob_ref"] = out["nll_ref"].neg().exp()
         out["prob_quant"] = out["nll_quant"].neg().exp()
     return out
+
+
+def seed_compare(
+    ref: torch.Tensor,
+    quant: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    top_k: int = 5,
+) -> dict[str, float]:
+    """The seed document's own way, line for line on given logits (one example [1, N, V]):
+    its "Logit Similarity" code (flatten, ``F.cosine_similarity(...).mean()``, two fp32
+    ``F.log_softmax``, ``F.kl_div(..., reduction="batchmean", log_target=True)``,
+    ``F.mse_loss``) followed by its "Token-Level Accuracy" code (``argmax`` of both, ``topk`` of
+    both, and its Python loop testing ``pred_quant[i, j] in topk_fp16[i, j]``). ``labels`` is
+    unused (the seed takes the NLL from the model's own loss). Returns its scalar summaries."""
+    logits_fp16 = ref.reshape(1, -1, ref.shape[-1])
+    logits_quant = quant.reshape(1, -1, quant.shape[-1])
+    # --- section "Logit Similarity"
+    logits_fp16_flat = logits_fp16.reshape(-1, logits_fp16.size(-1))
+    logits_quant_flat = logits_quant.reshape(-1, logits_quant.size(-1))
+    cos_sim = F.cosine_similarity(logits_fp16_flat, logits_quant_flat, dim=1).mean()
+    log_probs_fp16 = F.log_softmax(logits_fp16_flat, dim=1)
+    log_probs_quant = F.log_softmax(logits_quant_flat, dim=1)
+    kl_div = F.kl_div(log_probs_quant, log_probs_fp16, reduction="batchmean", log_target=True)
+    mse = F.mse_loss(logits_fp16_flat, logits_quant_flat)
+    # --- section "Token-Level Accuracy"
+    pred_fp16 = logits_fp16.argmax(dim=-1)
+    pred_quant = logits_quant.argmax(dim=-1)
+    exact_matches = (pred_fp16 == pred_quant).sum().item()
+    topk_fp16 = logits_fp16.topk(top_k, dim=-1).indices
+    topk_quant = logits_quant.topk(top_k, dim=-1).indices  # noqa: F841 (computed by the seed)
+    top_k_matches = 0
+    for i in range(pred_quant.size(0)):
+        for j in range(pred_quant.size(1)):
+            if pred_quant[i, j] in topk_fp16[i, j]:
+                top_k_matches += 1
+    total_tokens = pred_fp16.numel()
+    return {
+        "cosine_similarity": cos_sim.item(),
+        "kl_divergence": kl_div.item(),
+        "mse": mse.item(),
+        "exact_match_rate": exact_matches / total_tokens,
+        "top_k_match_rate": top_k_matches / total_tokens,
+    }

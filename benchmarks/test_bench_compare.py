@@ -1,7 +1,7 @@
 """pytest-benchmark cases: ``pytest benchmarks/ --benchmark-only``.
 
-Each shape runs the naive baseline and qmetrics side by side (same process, same inputs), so
-pytest-benchmark's comparison table shows the ratio. CUDA shapes run only on a GPU.
+Each shape runs the seed-style and naive baselines and qmetrics side by side (same process,
+same inputs), so pytest-benchmark's comparison table shows the ratio. CUDA shapes run only on a GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ CASES = [("cpu", n, v, torch.float32) for n, v in CPU_SHAPES] + [
 ]
 
 
-@pytest.mark.parametrize("provider", ["naive", "qmetrics"])
+@pytest.mark.parametrize("provider", ["seed", "naive", "qmetrics"])
 @pytest.mark.parametrize(
     ("device", "n", "vocab", "dtype"), CASES, ids=[f"{c[0]}-N{c[1]}-V{c[2]}" for c in CASES]
 )

@@ -684,14 +684,34 @@ def test_bad_logits(ref, quant, match: str) -> None:
 )
 def test_bad_labels(labels, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        compare_logits(X, X, labels, top_k=1, backend="torch")
+        compare_logits(X, X, labels, top_k=1, backend="torch", validate=True)
 
 
 def test_ignore_index_is_allowed_out_of_range() -> None:
     got = compare_logits(X, X, torch.tensor([-7, 2]), top_k=1, ignore_index=-7, backend="torch")
     assert got.scored.tolist() == [False, True]
-    with pytest.raises(ValueError, match="out of range"):
-        compare_logits(X, X, torch.tensor([-100, 2]), top_k=1, ignore_index=-7, backend="torch")
+    with pytest.raises(ValueError, match="1 label.*e\\.g\\. -100"):
+        compare_logits(
+            X, X, torch.tensor([-100, 2]), top_k=1, ignore_index=-7, backend="torch", validate=True
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_labels_give_nan_without_validate(backend: str) -> None:
+    """Default (validate=False): no error, no out-of-bounds read; the bad tokens get NaN label
+    fields, stay scored, and every other field and token equals the in-range result."""
+    ref, quant = make_pair((4,), 300, 70)
+    good = torch.tensor([3, 299, -100, 0])
+    labels = torch.tensor([300, 299, -100, -5])  # rows 0 and 3 out of range
+    got = compare_logits(ref, quant, labels, top_k=2, backend=backend)
+    exp = compare_logits(ref, quant, good, top_k=2, backend=backend)
+    assert got.scored.tolist() == [True, True, False, True]
+    for name in LABEL_FIELDS:
+        values = getattr(got, name)
+        assert values[[0, 3]].isnan().all(), name
+        torch.testing.assert_close(values[1:3], getattr(exp, name)[1:3], equal_nan=True)
+    for name in (*FLOAT_FIELDS, "top1_match", "topk_match", "finite"):
+        torch.testing.assert_close(getattr(got, name), getattr(exp, name), equal_nan=True)
 
 
 @pytest.mark.parametrize(

@@ -702,3 +702,43 @@ def test_sync_two_processes_gloo() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_sync_worker, args=(init_file,), nprocs=2, join=True)
+
+
+def test_out_of_range_labels_raise_at_compute_not_update() -> None:
+    # update() does not read the labels on the host: the count and the first bad value come
+    # back at compute() / state_dict(), and travel through merge
+    (ref, quant, lab), (ref2, quant2, lab2) = make_batches(sizes=(6, 5), seed=11)
+    lab = lab.clone()
+    lab[[1, 4]] = torch.tensor([V + 3, -2])
+    stats = LogitStats(backend="torch")
+    stats.update(ref, quant, lab)
+    stats.update(ref2, quant2, lab2)
+    assert stats.tokens_seen == 11
+    message = rf"2 label\(s\) outside \[0, V={V}\) and not ignore_index=-100 \(e\.g\. {V + 3}\)"
+    with pytest.raises(ValueError, match=message):
+        stats.compute()
+    with pytest.raises(ValueError, match=message):
+        stats.state_dict()
+    clean = LogitStats(backend="torch")
+    clean.update(ref2, quant2, lab2)
+    with pytest.raises(ValueError, match=message):
+        clean.merge(stats).compute()
+    stats.reset()  # starts over: clean again
+    stats.update(ref2, quant2, lab2)
+    assert stats.compute().to_dict() == run([(ref2, quant2, lab2)]).compute().to_dict()
+
+
+def test_many_updates_equal_few(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pending device chunks are joined every _MAX_CHUNKS updates: the state is unchanged
+    batches = make_batches(sizes=(3, 1, 4, 2, 5, 1, 2), seed=21)
+    want = run(batches).state_dict()
+    monkeypatch.setattr(qmetrics.metrics.logit_stats, "_MAX_CHUNKS", 2)
+    stats = LogitStats(backend="torch")
+    for i, (ref, quant, lab) in enumerate(batches):
+        stats.update(ref, quant, lab)
+        if i == 3:
+            assert stats.tokens_seen == 10
+            stats.compute()  # settles midway; later updates continue the same state
+    got = stats.state_dict()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=RTOL, atol=0)
