@@ -1,13 +1,21 @@
 """qmetrics: how far a quantized LLM has drifted from its reference model.
 
-The public API. Tensor-level names (``compare_logits``, ``LogitStats``, ``TokenMetrics`` and
-the statistics' result types) import eagerly and pull in nothing but torch; the model-level
-names (``QuantizationEvaluator`` and its results) load on first use.
+The public API. Tensor-level names (``compare_logits``, ``LogitStats``, ``TokenMetrics``, the
+statistics' result types and the training losses of :mod:`qmetrics.losses`) import eagerly
+and pull in nothing but torch; the model-level names (``QuantizationEvaluator`` and its
+results) load on first use.
 """
 
 from qmetrics import legacy_paths
+from qmetrics.metrics.estimate import Estimate
 from qmetrics.metrics.functional import compare_logits
-from qmetrics.metrics.logit_stats import Estimate, LogitStats, LogitStatsResult
+from qmetrics.metrics.logit_stats import LogitStats, LogitStatsResult
+from qmetrics.metrics.losses import (
+    DistillLoss,
+    LinearDistillLoss,
+    distill_loss,
+    linear_distill_loss,
+)
 from qmetrics.metrics.token_metrics import TokenMetrics
 
 legacy_paths.install()
@@ -18,7 +26,7 @@ _EVALUATION = {
     "ModelFigures": "qmetrics.evaluation.compare",
     "ModelEntry": "qmetrics.evaluation.models",
     "LayerAnalysis": "qmetrics.evaluation.layers",
-    "AblationResult": "qmetrics.evaluation.layers",
+    "AblationResult": "qmetrics.evaluation.ablation",
 }
 
 
@@ -33,9 +41,11 @@ def __getattr__(name: str):
 
 __all__ = [
     "AblationResult",
+    "DistillLoss",
     "Estimate",
     "EvaluationResult",
     "LayerAnalysis",
+    "LinearDistillLoss",
     "LogitStats",
     "LogitStatsResult",
     "ModelEntry",
@@ -43,5 +53,7 @@ __all__ = [
     "QuantizationEvaluator",
     "TokenMetrics",
     "compare_logits",
+    "distill_loss",
+    "linear_distill_loss",
 ]
 __version__ = "0.1.0"
