@@ -1,7 +1,10 @@
-"""Fused logit comparison: one read of two [N, V] logit tensors -> per-row metrics.
+"""Fused logit comparison: one read of two [N, V] or [B, T, V] logit tensors -> per-row metrics.
 
-For each row, with reference logits x, quantized logits y, exp anchors c_x, c_y and a fixed shift
-c0 = (c0_x, c0_y) (the maxima of the first tile, so that t is formed from nearby numbers only):
+The inputs are read in place through their batch and sequence strides (``x[:, :-1]``,
+transposed B/T, ``x[..., 1:]``): never copied. For each row, with reference logits x, quantized
+logits y, exp anchors c_x, c_y (the maxima of the first sub-tile) and a fixed shift
+c0 = (c_x, c_x + μ0), μ0 = Σ w (y − x) / Σ w over that sub-tile (the P-weighted mean difference,
+or c_y − c_x within 1e-4 of it), so that t is small and centred where the probability mass is:
 
     w_i = exp(x_i − c_x)   v_i = exp(y_i − c_y)   t_i = (y_i − c0_y) − (x_i − c0_x)
     s_x = Σ w   s_y = Σ v   h_x = Σ w (x − c_x)   h_y = Σ v (y − c_y)
@@ -14,19 +17,28 @@ c0 = (c0_x, c0_y) (the maxima of the first tile, so that t is formed from nearby
 When |U/s_x| ≥ 1/2 or U overflows (logits far apart), KL is large and is taken from the
 log-sum-exps directly: KL(P‖Q) = −κ + log s_y − log s_x − A/s_x. Cosine and MSE come from Σx²,
 Σy², Σ(y−x)² (Σxy = (Σx² + Σy² − Σ(y−x)²)/2). The quant argmax j is in the reference top-k iff
-x_j ≥ the k-th largest x (with multiplicity), kept in a small register buffer.
+x_j ≥ the k-th largest x (with multiplicity), kept in a small register buffer. expm1 is a
+degree-6 polynomial for |t| < ln2/4, so KL and reverse KL stay within 3e-6 relative of float64
+for KL ≥ 1e-4 at V up to 256k with fp32 inputs (tests/test_triton_layout.py). A label that is
+neither ignore_index nor in [0, V) is never read: its NLL and probability are NaN.
 
 Three kernels:
 
 * ``_fast_kernel`` — rows whose entries are all finite, which is every row of a real model. A
   tile is G sub-tiles [ROWS, VEC]: each thread holds one 16-byte row of each and keeps its own
-  sums, so a tile costs in-thread work plus one cross-thread max. The anchors (c_x, c_y) are
-  shared by the program and move (rescaling the sums) only when a tile's maximum exceeds them
-  by more than 4 nats; that check and the top-k buffer update are one rare branch. The argmax
-  is recovered after the loop from the tile where each tile row's maximum first appeared.
-  NaN or ±inf make Σx² or Σy² non-finite: such rows are flagged and left to
-  ``_general_kernel``. On sm_90 the main loop costs ~35–37 SASS instructions per logit
-  (``benchmarks/sass_report.py``).
+  sums (one FMA chain per sum), so a tile costs in-thread work plus one cross-thread
+  reduction. The anchors (c_x, c_y) are shared by the program and move (rescaling the sums)
+  only when a tile's maximum exceeds them by more than 4 nats; that check and the top-k buffer
+  update are one rare branch, which rereads only the sub-tiles whose maximum exceeds the k-th
+  largest value so far and inserts their candidates with warp-wide integer reductions (the
+  buffer holds order-preserving integer keys of the values). The argmax is recovered after
+  the loop from the tile where each tile row's maximum first appeared. A row that does not
+  start on a 16-byte boundary (V % 8 ≠ 0, ``x[..., 1:]``) peels a masked head of < VEC
+  elements, so the body keeps 16-byte loads. NaN or ±inf make Σx² or Σy² non-finite: such
+  rows are flagged and left to ``_general_kernel``. On sm_90 the hot path costs 34–35 SASS
+  instructions per logit, plus ~1 (top_k = 1) to ~4 (top_k = 5) for the top-k branch on iid
+  logits (``benchmarks/sass_report.py``; launched with ``maxnreg`` = 168: 3 blocks of 4 warps
+  per SM).
 * ``_merge_splits_kernel`` — when there are too few rows to fill the GPU, the fast kernel splits
   V across programs ("splits") and this kernel merges their partial states.
 * ``_general_kernel`` — the masked path for flagged rows: NaN and +inf are counted, −inf entries
@@ -41,6 +53,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from qmetrics.kernels.limits import MAX_TOP_K
 
 # Order of the per-row outputs in the [NUM_OUTPUTS, N] fp32 result.
 OUTPUTS = (
@@ -55,7 +68,6 @@ STATE = (
     "ax_val", "ay_val", "x_at_ay",
 )  # fmt: skip
 NUM_STATE = len(STATE)
-MAX_TOP_K = 64
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
@@ -64,6 +76,8 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # The fast kernel moves its exp anchors when a tile's maximum exceeds them by more than this
 # (nats): w = exp(x − c) ≤ e^4, and the entropy sums keep full fp32 precision.
 _REANCHOR = tl.constexpr(4.0)
+# bx/by value of a tile row whose maximum has not appeared yet (tile starts are ≥ −VEC).
+_NO_TILE = tl.constexpr(-(1 << 30))
 
 
 @triton.jit
@@ -112,12 +126,14 @@ def _kth_largest_insert(top, lanes_k, vals, cand, lanes):
 
 @triton.jit
 def _finalize(
-    out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+    out_ptr, N, V, row, ref_row, quant_row, label_ptr, ignore_index,
     m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd, n_both,
     n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth,
     HAS_LABELS: tl.constexpr,
 ):  # fmt: skip
-    """Turn one row's merged state into the outputs (float64 scalar math) and store them."""
+    """Turn one row's merged state into the outputs (float64 scalar math) and store them.
+    A label outside [0, V) that is not ``ignore_index`` is never read: its NLL and probability
+    are NaN."""
     f64 = tl.float64
     finite = (n_bad == 0) & (m_x > _NEG_INF) & (m_y > _NEG_INF)
     nan = float("nan")
@@ -159,7 +175,7 @@ def _finalize(
     tl.store(o + 8 * N, tl.where(finite, 1.0, 0.0).to(tl.float32))
     if HAS_LABELS:
         label = tl.load(label_ptr + row)
-        scored = label != ignore_index
+        scored = (label != ignore_index) & (label >= 0) & (label < V)
         safe = tl.where(scored, label, 0)
         x_t = tl.load(ref_row + safe).to(f64)
         y_t = tl.load(quant_row + safe).to(f64)
@@ -186,13 +202,17 @@ def _exp2(z, PTX: tl.constexpr):
 
 @triton.jit
 def _exp2m1(t2, PTX: tl.constexpr):
-    """2**t2 − 1 in fp32: Taylor polynomial of degree 4 in t2·ln 2 for |t2| < 1/16 (relative
-    error < 3e-8), 2**t2 − 1 elsewhere (relative error < 4e-6 there)."""
-    p = t2 * 9.618129107628477e-3 + 5.550410866482158e-2  # (ln 2)^n / n!, n = 4, 3
+    """2**t2 − 1 in fp32: Taylor polynomial of degree 6 in t2·ln 2 for |t2| < 1/4 (relative
+    error < 1e-8), 2**t2 − 1 elsewhere. Past |t2| = 1/4, e^t − 1 − t (what KL keeps of it) is
+    ≥ 0.014, so the ~1e-7 absolute error of 2**t2 costs < 1e-5 of a term, at random sign;
+    the degree-4 polynomial up to 1/16 it replaces cost 1e-5 of KL at V = 50257 (issue 10)."""
+    p = t2 * 1.5403530393381606e-4 + 1.3333558146428441e-3  # (ln 2)^n / n!, n = 6, 5
+    p = p * t2 + 9.618129107628477e-3
+    p = p * t2 + 5.5504108664821576e-2
     p = p * t2 + 0.2402265069591007
     p = p * t2 + 0.6931471805599453
     p = p * t2
-    return tl.where(tl.abs(t2) < 0.0625, p, _exp2(t2, PTX) - 1.0)
+    return tl.where(tl.abs(t2) < 0.25, p, _exp2(t2, PTX) - 1.0)
 
 
 @triton.jit
@@ -202,48 +222,129 @@ def _row_sum(z):
 
 
 @triton.jit
+def _fma2(acc, p, q):
+    """acc + p[:, 0] q[:, 0] + p[:, 1] q[:, 1] for [ROWS, 2] p, q: two chained FMAs."""
+    p0, p1 = tl.split(p)
+    q0, q1 = tl.split(q)
+    return acc + p0 * q0 + p1 * q1
+
+
+@triton.jit
+def _fma4(acc, p, q):
+    """acc + Σ_j p[:, j] q[:, j] for [ROWS, 4] p, q: four chained FMAs."""
+    p0, p1 = tl.split(tl.reshape(p, [p.shape[0], 2, 2]))
+    q0, q1 = tl.split(tl.reshape(q, [q.shape[0], 2, 2]))
+    return _fma2(_fma2(acc, p0, q0), p1, q1)
+
+
+@triton.jit
+def _fma_row(acc, p, q):
+    """acc + Σ_j p[:, j] q[:, j] per tile row of [ROWS, VEC] p, q as one chain of in-thread
+    FMAs (one instruction per logit; a tree sum of the products costs 1.5)."""
+    if p.shape[1] == 8:
+        p0, p1 = tl.split(tl.reshape(p, [p.shape[0], 4, 2]))
+        q0, q1 = tl.split(tl.reshape(q, [q.shape[0], 4, 2]))
+        return _fma4(_fma4(acc, p0, q0), p1, q1)
+    elif p.shape[1] == 4:
+        return _fma4(acc, p, q)
+    else:
+        return acc + _row_sum(p * q)
+
+
+@triton.jit
+def _bit_or(p, q):
+    return p | q
+
+
+@triton.jit
 def _row_max(z):
     """Maximum of a [ROWS, VEC] sub-tile per tile row."""
     return tl.max(z, axis=1)
 
 
 @triton.jit
-def _topk_insert_tile(top, lanes_k, x, valid, thr):
-    """Insert the values of the [ROWS, VEC] sub-tile ``x`` (where ``valid``) that exceed
-    ``thr`` into ``top`` (the k largest so far with multiplicity, padded with +inf), largest
-    first."""
-    cand = valid & (x > thr)
-    n_cand = tl.sum(_row_sum(cand.to(tl.int32)), axis=0)
-    while n_cand > 0:
-        cv = tl.max(_row_max(tl.where(cand, x, _NEG_INF)), axis=0)
-        n_eq = tl.sum(_row_sum((cand & (x == cv)).to(tl.int32)), axis=0)
-        while (n_eq > 0) & (cv > thr):
-            slot = tl.argmin(top, axis=0)
-            top = tl.where(lanes_k == slot, cv, top)
-            thr = tl.min(top, axis=0)
-            n_eq -= 1
-        cand = cand & (x < cv) & (x > thr)
-        n_cand = tl.sum(_row_sum(cand.to(tl.int32)), axis=0)
-    return top, thr
+def _key(v):
+    """Order-preserving int32 image of fp32 ``v`` (an involution: it also maps back). Integer
+    reductions across a warp are one instruction (redux.sync); float ones are five shuffles.
+    −0 maps below +0; NaN never reaches it (it is never above the threshold)."""
+    i = v.to(tl.int32, bitcast=True)
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _load_sub(ref_row, quant_row, offs, v_stop, MASKED: tl.constexpr):
-    """One [ROWS, VEC] sub-tile of both rows as fp32 (masked lanes read 0) and its mask."""
+def _unkey(k):
+    return (k ^ ((k >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_max(xc):
+    """Maximum of a [ROWS, VEC] sub-tile over all its lanes: in-thread float max, then integer
+    keys across threads."""
+    return _unkey(tl.max(_key(_row_max(xc)), axis=0))
+
+
+@triton.jit
+def _topk_insert_tile(top, lanes_t, x, valid, thr, slot, MASKED: tl.constexpr):
+    """Insert the values of the [ROWS, VEC] sub-tile ``x`` (where ``valid``) that exceed
+    ``thr`` into ``top`` (the keys of the k largest values so far with multiplicity, padded
+    with the key of +inf; ``thr`` the k-th largest value, its key at index ``slot``), largest
+    first. One count of the candidates, then one trip per distinct value: a cross-thread max,
+    a count of its copies only while more than one candidate is left, and per copy (ties)
+    one replacement of the minimum of ``top`` (one warp, integer reductions)."""
+    cand = x > thr
     if MASKED:
-        valid = offs < v_stop
-        x = tl.load(ref_row + offs, mask=valid, other=0.0).to(tl.float32)
-        y = tl.load(quant_row + offs, mask=valid, other=0.0).to(tl.float32)
+        cand = cand & valid
+    xc = tl.where(cand, x, _NEG_INF)
+    n_left = tl.sum(_row_sum(cand.to(tl.int32)), axis=0)
+    while n_left > 0:
+        cv = _tile_max(xc)
+        n_eq = 1
+        if n_left > 1:
+            n_eq = tl.sum(_row_sum((xc == cv).to(tl.int32)), axis=0)
+        n_left -= n_eq
+        k_cv = _key(cv)
+        while (n_eq > 0) & (cv > thr):
+            top = tl.where(lanes_t == slot, k_cv, top)
+            k_min = tl.min(top, axis=0)
+            slot = tl.min(tl.where(top == k_min, lanes_t, top.shape[0]), axis=0)
+            thr = _unkey(k_min)
+            n_eq -= 1
+        n_left = tl.where(cv > thr, n_left, 0)  # the rest is below cv, so at or below thr
+        xc = tl.where(xc < cv, xc, _NEG_INF)
+    return top, thr, slot
+
+
+@triton.jit
+def _widen(v, PTX: tl.constexpr):
+    """``v`` as fp32. bf16 on NVIDIA GPUs: a shift and a mask per pair of values (the default
+    lowering spends three instructions per pair: a byte permute, then a shift of each)."""
+    if PTX and v.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [v],
+            dtype=tl.float32, is_pure=True, pack=2,
+        )  # fmt: skip
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _load_sub(ref_row, quant_row, offs, v_lo, v_stop, MASKED: tl.constexpr, PTX: tl.constexpr):
+    """One [ROWS, VEC] sub-tile of both rows as fp32 (lanes outside [v_lo, v_stop) read 0)
+    and its mask."""
+    if MASKED:
+        valid = (offs >= v_lo) & (offs < v_stop)
+        x = _widen(tl.load(ref_row + offs, mask=valid, other=0.0), PTX)
+        y = _widen(tl.load(quant_row + offs, mask=valid, other=0.0), PTX)
     else:
         valid = offs >= 0
-        x = tl.load(ref_row + offs).to(tl.float32)
-        y = tl.load(quant_row + offs).to(tl.float32)
+        x = _widen(tl.load(ref_row + offs), PTX)
+        y = _widen(tl.load(quant_row + offs), PTX)
     return x, y, valid
 
 
 @triton.jit
 def _fast_step(
-    ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y, c_x, c_y,
+    ref_row, quant_row, start, lane, v_lo, v_stop, lanes_t, top, thr, slot, c0_x, c0_y, c_x, c_y,
     m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
     MASKED: tl.constexpr, PTX: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
 ):  # fmt: skip
@@ -253,49 +354,60 @@ def _fast_step(
     The exponentials use the program-wide anchors (c_x, c_y), moved up (and the sums rescaled)
     only when a tile's maximum exceeds them by more than _REANCHOR, so no sum overflows and
     h = Σ w (x − c) never cancels badly; t keeps the fixed shift c0. That check and the top-k
-    update share one cross-thread max per tile. z, h, a and b are in log2 units (× log2 e).
-    The second pass reloads the sub-tiles: the compiler reuses the first loads' registers."""
+    update share one cross-thread reduction per tile: a bit per sub-tile holding a value above
+    the k-th largest so far (only those sub-tiles are reread for the top-k buffer), and one
+    bit per anchor to move (only then are the tile maxima reduced across threads). z, h, a
+    and b are in log2 units (× log2 e). The second pass reloads the sub-tiles: the compiler
+    reuses the first loads' registers."""
     tmx = tl.zeros_like(m_x) + _NEG_INF
     tmy = tmx
+    hits = tl.zeros_like(bx)
     for g in tl.static_range(G):
-        x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_stop, MASKED)
+        x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_lo, v_stop,
+                                MASKED, PTX)  # fmt: skip
         if MASKED:
             x = tl.where(valid, x, _NEG_INF)
             y = tl.where(valid, y, _NEG_INF)
-        tmx = tl.maximum(tmx, _row_max(x))
+        rmx = _row_max(x)
+        hits |= tl.where(rmx > thr, 1 << g, 0)
+        tmx = tl.maximum(tmx, rmx)
         tmy = tl.maximum(tmy, _row_max(y))
     bx = tl.where(tmx > m_x, start, bx)  # tile where each row's maximum first appears
     by = tl.where(tmy > m_y, start, by)
     m_x = tl.maximum(m_x, tmx)
     m_y = tl.maximum(m_y, tmy)
-    rare = (tmx > thr) | (tmx > c_x + _REANCHOR) | (tmy > c_y + _REANCHOR)
-    if tl.max(rare.to(tl.int32), axis=0) > 0:
-        big_x = tl.max(tmx, axis=0)
-        big_y = tl.max(tmy, axis=0)
-        if big_x > c_x + _REANCHOR:
-            shift2 = (c_x - big_x) * _LOG2E
-            f = _exp2(shift2, PTX)
-            h_x = f * (h_x + s_x * shift2)
-            s_x *= f
-            u *= f
-            a *= f
-            c_x = big_x
-        if big_y > c_y + _REANCHOR:
-            shift2 = (c_y - big_y) * _LOG2E
-            f = _exp2(shift2, PTX)
-            h_y = f * (h_y + s_y * shift2)
-            s_y *= f
-            b *= f
-            c_y = big_y
-        if big_x > thr:
-            for g in tl.static_range(G):
+    hits |= tl.where(tmx > c_x + _REANCHOR, 1 << G, 0)
+    hits |= tl.where(tmy > c_y + _REANCHOR, 2 << G, 0)
+    rare = tl.reduce(hits, 0, _bit_or)
+    if rare != 0:
+        if (rare >> G) != 0:  # an anchor moves (a few times per row at most)
+            big_x = tl.max(tmx, axis=0)
+            big_y = tl.max(tmy, axis=0)
+            if big_x > c_x + _REANCHOR:
+                shift2 = (c_x - big_x) * _LOG2E
+                f = _exp2(shift2, PTX)
+                h_x = f * (h_x + s_x * shift2)
+                s_x *= f
+                u *= f
+                a *= f
+                c_x = big_x
+            if big_y > c_y + _REANCHOR:
+                shift2 = (c_y - big_y) * _LOG2E
+                f = _exp2(shift2, PTX)
+                h_y = f * (h_y + s_y * shift2)
+                s_y *= f
+                b *= f
+                c_y = big_y
+        for g in tl.static_range(G):
+            if (rare >> g) & 1:  # a sub-tile whose maximum is at or below thr is skipped
                 offs = start + g * SUB + lane
-                x, _, valid = _load_sub(ref_row, quant_row, offs, v_stop, MASKED)
-                top, thr = _topk_insert_tile(top, lanes_k, x, valid, thr)
+                x, _, valid = _load_sub(ref_row, quant_row, offs, v_lo, v_stop, MASKED, PTX)
+                top, thr, slot = _topk_insert_tile(top, lanes_t, x, valid, thr, slot, MASKED)
     # t·log2 e with t = (y − c0_y) − (x − c0_x), from z and the anchors' offsets from c0
     k2 = ((c_y - c0_y) - (c_x - c0_x)) * _LOG2E
     for g in tl.static_range(G):
-        x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_stop, MASKED)
+        x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_lo, v_stop,
+                                MASKED, PTX)  # fmt: skip
         # x − c first (exact for nearby values), then the log2 scaling: z = (x − c)·log2 e
         zx = (x - c_x) * _LOG2E
         zy = (y - c_y) * _LOG2E
@@ -308,48 +420,58 @@ def _fast_step(
             t2 = tl.where(valid, t2, 0.0)
         e = _exp2m1(t2, PTX)
         d = y - x  # masked lanes: 0 − 0
-        h_x += _row_sum(w * zx)
-        h_y += _row_sum(v * zy)
+        h_x = _fma_row(h_x, w, zx)
+        h_y = _fma_row(h_y, v, zy)
         s_x += _row_sum(w)
         s_y += _row_sum(v)
-        u += _row_sum(w * e)
-        a += _row_sum(w * t2)
-        b += _row_sum(v * t2)
-        xx += _row_sum(x * x)
-        yy += _row_sum(y * y)
-        dd += _row_sum(d * d)
-    return top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by
+        u = _fma_row(u, w, e)
+        a = _fma_row(a, w, t2)
+        b = _fma_row(b, v, t2)
+        xx = _fma_row(xx, x, x)
+        yy = _fma_row(yy, y, y)
+        dd = _fma_row(dd, d, d)
+    return top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by
 
 
 @triton.jit
-def _first_index_of_max(row_ptr, tile_of_max, m, big, lane, v_stop, G: tl.constexpr,
+def _first_index_of_max(row_ptr, tile_of_max, m, big, lane, v_lo, v_stop, G: tl.constexpr,
                         SUB: tl.constexpr):  # fmt: skip
     """First position holding ``big`` (the maximum), given for each tile row the tile where its
     own maximum ``m`` first appeared: reread only the tile rows that hold ``big``."""
-    hit = (m == big) & (tile_of_max >= 0)
+    hit = (m == big) & (tile_of_max > _NO_TILE)
     first = tl.zeros_like(tile_of_max) + 2147483647
     for g in tl.static_range(G):
         offs = tile_of_max[:, None] + g * SUB + lane
-        mask = hit[:, None] & (offs < v_stop)
+        mask = hit[:, None] & (offs >= v_lo) & (offs < v_stop)
         vals = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         first = tl.minimum(first, tl.min(tl.where(mask & (vals == big), offs, 2147483647), 1))
     return tl.min(first, axis=0)
 
 
 @triton.jit
+def _row_pointer(ptr, row64, T, stride_b, stride_t):
+    """Start of row ``row64`` of a [B, T, V] tensor: ptr + b·stride_b + t·stride_t (int64)."""
+    b = row64 // T
+    return ptr + b * stride_b + (row64 - b * T) * stride_t
+
+
+@triton.jit
 def _fast_kernel(
-    ref_ptr,  # [N, V] reference logits (fp32/fp16/bf16), unit stride along V
-    ref_stride,  # elements between consecutive rows of ref
-    quant_ptr,  # [N, V] quantized-model logits, same dtype rules
-    quant_stride,  # elements between consecutive rows of quant
-    label_ptr,  # [N] int64 labels (unused unless HAS_LABELS)
+    ref_ptr,  # [B, T, V] reference logits (fp32/fp16/bf16), unit stride along V
+    ref_sb,  # elements between consecutive batch entries of ref
+    ref_st,  # elements between consecutive positions (rows) of ref
+    quant_ptr,  # [B, T, V] quantized-model logits, same dtype rules
+    quant_sb,
+    quant_st,
+    label_ptr,  # [N = B·T] int64 labels, contiguous (unused unless HAS_LABELS)
     out_ptr,  # [NUM_OUTPUTS, N] fp32 per-row outputs (written when SPLITS == 1)
     state_ptr,  # [N, SPLITS, NUM_STATE] fp32 partial states (written when SPLITS > 1)
     index_ptr,  # [N, SPLITS, 2] int32 partial argmax indices (ref, quant)
     top_ptr,  # [N, SPLITS, KP] fp32 partial top-k buffers
     flag_ptr,  # [N] int32, set for rows left to _general_kernel (non-finite entries)
-    N, V, v_per_split, ignore_index, top_k,
+    N, T, V, v_per_split, ignore_index, top_k,
     SPLITS,  # programs per row along V
+    base_mis,  # element offset of ref_ptr (and quant_ptr) modulo VEC (ALIGN > 0 only)
     HAS_LABELS: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,  # SPLITS > 1: store the partial state for the merge kernel
     NUM_STATE_: tl.constexpr,
@@ -358,32 +480,67 @@ def _fast_kernel(
     ROWS: tl.constexpr,  # tile rows (one per thread)
     VEC: tl.constexpr,  # contiguous elements per vector (16 bytes: one load)
     PTX: tl.constexpr,  # compiled for an NVIDIA GPU: exp2 through inline PTX
+    ALIGN_X: tl.constexpr,  # > 0: peel a head so ref's body starts at this many bytes' boundary
+    ALIGN_Y: tl.constexpr,  # the same for quant (ref and quant rows share their misalignment)
 ):  # fmt: skip
     """Rows whose entries are all finite, in one read: each tile row keeps its own online
-    softmax state, so a tile costs in-thread work plus one cross-thread max (top-k check)."""
+    softmax state, so a tile costs in-thread work plus one cross-thread reduction.
+
+    With ALIGN_X > 0 a row [0, V) is a head [0, h) of h < VEC elements up to the first
+    VEC-element boundary (masked, split 0 only), then the aligned body [h, V) in full tiles
+    of 16-byte loads and a masked tail; positions below are body offsets (absolute − h)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
-    ref_row = ref_ptr + row64 * ref_stride
-    quant_row = quant_ptr + row64 * quant_stride
+    ref_row = _row_pointer(ref_ptr, row64, T, ref_sb, ref_st)
+    quant_row = _row_pointer(quant_ptr, row64, T, quant_sb, quant_st)
+    if ALIGN_X > 0:
+        b_ = row64 // T
+        mis = (base_mis + b_ * ref_sb + (row64 - b_ * T) * ref_st) % VEC
+        head = ((VEC - mis) % VEC).to(tl.int32)
+        head = tl.minimum(head, V)
+        ref_body = tl.multiple_of(ref_row + head, ALIGN_X)
+        quant_body = tl.multiple_of(quant_row + head, ALIGN_Y)
+    else:
+        head = 0
+        ref_body = ref_row
+        quant_body = quant_row
+    v_body = V - head
     v_start = split * v_per_split
-    v_stop = tl.minimum(v_start + v_per_split, V)
+    v_stop = tl.minimum(v_start + v_per_split, v_body)
+    v_lo = v_start  # lowest body offset this program reads (−head with a head)
+    if ALIGN_X > 0:
+        v_lo = tl.where(split == 0, -head, v_start)
     SUB: tl.constexpr = ROWS * VEC
     BLOCK: tl.constexpr = G * SUB
     lane = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    lanes_k = tl.arange(0, KP)
+    TK: tl.constexpr = KP if KP > 32 else 32
+    lanes_t = tl.arange(0, TK)
     f32 = tl.float32
 
-    # The shift c0 of t = (y − c0_y) − (x − c0_x), and the first exp anchors: the maxima of the
-    # first sub-tile, so t is small where the probability mass is.
-    first = v_start + lane
+    # The exp anchors (c_x, c_y): the maxima of the first sub-tile. The shift c0 of
+    # t = (y − c0_y) − (x − c0_x): c0_x = c_x and c0_y = c_x + μ0, μ0 = Σ w (y − x) / Σ w over
+    # that sub-tile (w = exp(x − c_x)), so t is small and centred where the probability mass
+    # is: Σ w t and Σ w expm1(t) then stay small and KL = log1p(U/s) − A/s does not cancel.
+    first = v_lo + lane
     first_ok = first < v_stop
-    x0 = tl.load(ref_row + first, mask=first_ok, other=_NEG_INF).to(f32)
-    y0 = tl.load(quant_row + first, mask=first_ok, other=_NEG_INF).to(f32)
+    x0 = tl.load(ref_body + first, mask=first_ok, other=_NEG_INF).to(f32)
+    y0 = tl.load(quant_body + first, mask=first_ok, other=_NEG_INF).to(f32)
     c_x = tl.max(_row_max(x0), axis=0)
     c_y = tl.max(_row_max(y0), axis=0)
     c_x = tl.where(tl.abs(c_x) < _POS_INF, c_x, 0.0)
     c_y = tl.where(tl.abs(c_y) < _POS_INF, c_y, 0.0)
+    both0 = first_ok & (tl.abs(x0) < _POS_INF) & (tl.abs(y0) < _POS_INF)
+    x0 = tl.where(both0, x0, c_x)
+    w0 = tl.where(both0, tl.exp(x0 - c_x), 0.0)
+    sw0 = tl.sum(_row_sum(w0), axis=0)
+    mu0 = tl.sum(_row_sum(w0 * (tl.where(both0, y0, c_x) - x0)), axis=0) / sw0
+    # within 1e-4 of the maxima's difference, that difference is kept: t is then exactly 0
+    # for a shifted copy (and V = 1), so KL is exactly 0 there
+    near = tl.abs(mu0 - (c_y - c_x)) < 1e-4
+    use_mu = (sw0 > 0) & (tl.abs(mu0) < _POS_INF) & ~near
+    c0_x = c_x
+    c0_y = tl.where(use_mu, c_x + mu0, c_y)
 
     r0 = tl.zeros([ROWS], f32)
     m_x = r0 + _NEG_INF
@@ -398,57 +555,72 @@ def _fast_kernel(
     xx = r0
     yy = r0
     dd = r0
-    bx = tl.zeros([ROWS], tl.int32) - 1
-    by = tl.zeros([ROWS], tl.int32) - 1
-    top = tl.where(lanes_k < top_k, _NEG_INF, _POS_INF).to(f32)
-    thr = tl.min(top, axis=0)
+    bx = tl.zeros([ROWS], tl.int32) + _NO_TILE
+    by = tl.zeros([ROWS], tl.int32) + _NO_TILE
+    # The top-k buffer holds order-preserving integer keys (_key) of the k largest values so
+    # far, one per lane of a warp (≥ 32 slots, padded with the key of +inf): its minimum and
+    # that minimum's slot are then one warp-wide integer reduction each (redux.sync).
+    top = _key(tl.where(lanes_t < top_k, _NEG_INF, _POS_INF).to(f32))
+    thr = _NEG_INF + tl.zeros([], f32)
+    slot = tl.zeros([], tl.int32)
 
-    n_full = (v_stop - v_start) // BLOCK
+    if ALIGN_X > 0:  # noqa: SIM102 (a compile-time gate around a runtime branch)
+        if v_lo < 0:  # the head: one masked sub-tile ending at the body's start
+            top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+                _fast_step(
+                    ref_body, quant_body, -VEC, lane, v_lo, 0, lanes_t, top, thr, slot, c0_x, c0_y,
+                    c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, True,
+                    PTX, 1, SUB,
+                )
+            )  # fmt: skip
+    n_full = tl.maximum(v_stop - v_start, 0) // BLOCK
     full_stop = v_start + n_full * BLOCK
-    c0_x = c_x
-    c0_y = c_y
     for start in range(v_start, full_stop, BLOCK):
-        top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+        top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
             _fast_step(
-                ref_row, quant_row, start, lane, v_stop, lanes_k, top, thr, c0_x, c0_y,
-                c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, False, PTX,
-                G, SUB,
+                ref_body, quant_body, start, lane, start, v_stop, lanes_t, top, thr, slot, c0_x,
+                c0_y, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+                False, PTX, G, SUB,
             )
         )  # fmt: skip
     if full_stop < v_stop:
-        top, thr, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+        top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
             _fast_step(
-                ref_row, quant_row, full_stop, lane, v_stop, lanes_k, top, thr, c0_x, c0_y,
-                c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, True, PTX,
-                G, SUB,
+                ref_body, quant_body, full_stop, lane, full_stop, v_stop, lanes_t, top, thr, slot,
+                c0_x, c0_y, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+                True, PTX, G, SUB,
             )
         )  # fmt: skip
 
-    # Sums anchored at c: S = Σ w, H = Σ w (x − c) (nats), U, A = Σ w t (nats), B = Σ v t.
+    # Sums anchored at c: S = Σ w, H = Σ w (x − c) (nats), U, A = Σ w t (nats), B = Σ v t;
+    # the per-thread partial sums are added in float64.
+    f64 = tl.float64
     mx_all = tl.max(m_x, axis=0)
     my_all = tl.max(m_y, axis=0)
-    sx_all = tl.sum(s_x, axis=0)
-    sy_all = tl.sum(s_y, axis=0)
-    hx_all = tl.sum(h_x, axis=0) * _LN2
-    hy_all = tl.sum(h_y, axis=0) * _LN2
-    u_all = tl.sum(u, axis=0)
-    a_all = tl.sum(a, axis=0) * _LN2
-    b_all = tl.sum(b, axis=0) * _LN2
-    xx_all = tl.sum(xx, axis=0)
-    yy_all = tl.sum(yy, axis=0)
-    dd_all = tl.sum(dd, axis=0)
+    sx_all = tl.sum(s_x.to(f64), axis=0)
+    sy_all = tl.sum(s_y.to(f64), axis=0)
+    hx_all = tl.sum(h_x.to(f64), axis=0) * _LN2
+    hy_all = tl.sum(h_y.to(f64), axis=0) * _LN2
+    u_all = tl.sum(u.to(f64), axis=0)
+    a_all = tl.sum(a.to(f64), axis=0) * _LN2
+    b_all = tl.sum(b.to(f64), axis=0) * _LN2
+    xx_all = tl.sum(xx.to(f64), axis=0)
+    yy_all = tl.sum(yy.to(f64), axis=0)
+    dd_all = tl.sum(dd.to(f64), axis=0)
     xy_all = 0.5 * (xx_all + yy_all - dd_all)
     # NaN or ±inf anywhere makes Σx² or Σy² non-finite: such rows go to the general kernel.
     ok = (tl.abs(xx_all + yy_all) < _POS_INF) & (mx_all > _NEG_INF) & (my_all > _NEG_INF)
-    n_here = (v_stop - v_start).to(f32)
-    ax_idx = _first_index_of_max(ref_row, bx, m_x, mx_all, lane, v_stop, G, SUB)
-    ay_idx = _first_index_of_max(quant_row, by, m_y, my_all, lane, v_stop, G, SUB)
-    x_at_ay = tl.load(ref_row + ay_idx, mask=ay_idx < v_stop, other=_NEG_INF).to(f32)
+    n_here = (tl.maximum(v_stop, v_lo) - v_lo).to(f32)
+    ax_idx = _first_index_of_max(ref_body, bx, m_x, mx_all, lane, v_lo, v_stop, G, SUB)
+    ay_idx = _first_index_of_max(quant_body, by, m_y, my_all, lane, v_lo, v_stop, G, SUB)
+    x_at_ay = tl.load(ref_body + ay_idx, mask=ay_idx < v_stop, other=_NEG_INF).to(f32)
+    ax_idx += head  # absolute positions
+    ay_idx += head
     zero = tl.zeros([], f32)
     if not WRITE_PARTIAL:
         if ok:
             _finalize(
-                out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+                out_ptr, N, V, row, ref_row, quant_row, label_ptr, ignore_index,
                 c_x, sx_all, zero, hx_all, c_y, sy_all, zero, hy_all, c0_x, c0_y,
                 u_all, a_all, b_all, xy_all, xx_all, yy_all, dd_all, n_here,
                 zero, zero, zero, ax_idx, ay_idx, x_at_ay, thr, HAS_LABELS,
@@ -459,23 +631,23 @@ def _fast_kernel(
         sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
         # (order: STATE)
         tl.store(sp + 0, c_x)  # the anchor of the sums
-        tl.store(sp + 1, sx_all)
+        tl.store(sp + 1, sx_all.to(f32))
         tl.store(sp + 2, zero)
-        tl.store(sp + 3, hx_all)
+        tl.store(sp + 3, hx_all.to(f32))
         tl.store(sp + 4, c_y)
-        tl.store(sp + 5, sy_all)
+        tl.store(sp + 5, sy_all.to(f32))
         tl.store(sp + 6, zero)
-        tl.store(sp + 7, hy_all)
+        tl.store(sp + 7, hy_all.to(f32))
         tl.store(sp + 8, c0_x)  # the shift of t
         tl.store(sp + 9, c0_y)
         tl.store(sp + 10, zero + 1.0)
-        tl.store(sp + 11, u_all)
-        tl.store(sp + 12, a_all)
-        tl.store(sp + 13, b_all)
-        tl.store(sp + 14, xy_all)
-        tl.store(sp + 15, xx_all)
-        tl.store(sp + 16, yy_all)
-        tl.store(sp + 17, dd_all)
+        tl.store(sp + 11, u_all.to(f32))
+        tl.store(sp + 12, a_all.to(f32))
+        tl.store(sp + 13, b_all.to(f32))
+        tl.store(sp + 14, xy_all.to(f32))
+        tl.store(sp + 15, xx_all.to(f32))
+        tl.store(sp + 16, yy_all.to(f32))
+        tl.store(sp + 17, dd_all.to(f32))
         tl.store(sp + 18, n_here)
         tl.store(sp + 19, tl.where(ok, 0.0, 1.0))
         tl.store(sp + 20, zero)
@@ -486,19 +658,16 @@ def _fast_kernel(
         ip = index_ptr + (row64 * SPLITS + split) * 2
         tl.store(ip, ax_idx)
         tl.store(ip + 1, ay_idx)
-        tl.store(top_ptr + (row64 * SPLITS + split) * KP + lanes_k, top)
+        tl.store(top_ptr + (row64 * SPLITS + split) * KP + lanes_t, _unkey(top), mask=lanes_t < KP)
 
 
 @triton.jit
 def _general_kernel(
-    ref_ptr,  # [N, V] reference logits (fp32/fp16/bf16), unit stride along V
-    ref_stride,  # elements between consecutive rows of ref
-    quant_ptr,  # [N, V] quantized-model logits, same dtype rules
-    quant_stride,  # elements between consecutive rows of quant
+    ref_ptr, ref_sb, ref_st, quant_ptr, quant_sb, quant_st,  # [B, T, V] as in _fast_kernel
     label_ptr,  # [N] int64 labels (unused unless HAS_LABELS)
     out_ptr,  # [NUM_OUTPUTS, N] fp32 per-row outputs
     flag_ptr,  # [N] int32: rows the fast kernel could not finish (non-finite entries)
-    N, V, ignore_index, top_k,
+    N, T, V, ignore_index, top_k,
     HAS_LABELS: tl.constexpr,
     KP: tl.constexpr,  # power of two ≥ top_k
     BLOCK_V: tl.constexpr,  # tile width along V
@@ -508,8 +677,8 @@ def _general_kernel(
     row = tl.program_id(0)
     if tl.load(flag_ptr + row) != 0:
         row64 = row.to(tl.int64)
-        ref_row = ref_ptr + row64 * ref_stride
-        quant_row = quant_ptr + row64 * quant_stride
+        ref_row = _row_pointer(ref_ptr, row64, T, ref_sb, ref_st)
+        quant_row = _row_pointer(quant_ptr, row64, T, quant_sb, quant_st)
         _general_row(
             ref_row, quant_row, label_ptr, out_ptr, N, V, row, ignore_index, top_k,
             HAS_LABELS, KP, BLOCK_V,
@@ -651,7 +820,7 @@ def _general_row(
     n_fwd_inf = tl.sum(n_fwd_inf, axis=0)
     n_rev_inf = tl.sum(n_rev_inf, axis=0)
     _finalize(
-        out_ptr, N, row, ref_row, quant_row, label_ptr, ignore_index,
+        out_ptr, N, V, row, ref_row, quant_row, label_ptr, ignore_index,
         m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
         n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
     )  # fmt: skip
@@ -659,24 +828,26 @@ def _general_row(
 
 @triton.jit
 def _merge_splits_kernel(
-    ref_ptr, ref_stride, quant_ptr, quant_stride,  # as in _logit_compare_kernel (label lookup)
+    ref_ptr, ref_sb, ref_st, quant_ptr, quant_sb, quant_st,  # as in _fast_kernel (labels)
     label_ptr,  # [N] int64 labels (unused unless HAS_LABELS)
     out_ptr,  # [NUM_OUTPUTS, N] fp32 per-row outputs
     state_ptr,  # [N, SPLITS, NUM_STATE] fp32 partial states
     index_ptr,  # [N, SPLITS, 2] int32 partial argmax indices
     top_ptr,  # [N, SPLITS, KP] fp32 partial top-k buffers
     flag_ptr,  # [N] int32, set for rows left to _general_kernel (non-finite entries)
-    N, ignore_index, top_k,
+    N, T, V, ignore_index, top_k,
     SPLITS,  # partial states per row
     HAS_LABELS: tl.constexpr,
     NUM_STATE_: tl.constexpr,
     KP: tl.constexpr,
     SPLITS_P2: tl.constexpr,  # power of two ≥ SPLITS
 ):  # fmt: skip
+    """Merge the partial states of a row's splits, in float64 (re-expressing U, A and B under
+    a common shift would otherwise cost ~1e-6 of a small KL), and finalize the row."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    f32 = tl.float32
-    zero = tl.zeros([], f32)
+    f64 = tl.float64
+    zero = tl.zeros([], f64)
     m_x = zero + _NEG_INF
     m_y = zero + _NEG_INF
     s_xb = zero
@@ -707,31 +878,31 @@ def _merge_splits_kernel(
     for split in range(SPLITS):
         sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
         # (order: STATE)
-        b_m_x = tl.load(sp + 0)
-        b_s_xb = tl.load(sp + 1)
-        b_s_xo = tl.load(sp + 2)
-        b_h_x = tl.load(sp + 3)
-        b_m_y = tl.load(sp + 4)
-        b_s_yb = tl.load(sp + 5)
-        b_s_yo = tl.load(sp + 6)
-        b_h_y = tl.load(sp + 7)
-        b_c_x = tl.load(sp + 8)
-        b_c_y = tl.load(sp + 9)
-        b_c_set = tl.load(sp + 10)
-        b_u = tl.load(sp + 11)
-        b_a = tl.load(sp + 12)
-        b_b = tl.load(sp + 13)
-        b_xy = tl.load(sp + 14)
-        b_xx = tl.load(sp + 15)
-        b_yy = tl.load(sp + 16)
-        b_dd = tl.load(sp + 17)
-        b_n_both = tl.load(sp + 18)
-        b_n_bad = tl.load(sp + 19)
-        b_n_fwd_inf = tl.load(sp + 20)
-        b_n_rev_inf = tl.load(sp + 21)
-        b_ax_val = tl.load(sp + 22)
-        b_ay_val = tl.load(sp + 23)
-        b_x_at_ay = tl.load(sp + 24)
+        b_m_x = tl.load(sp + 0).to(f64)
+        b_s_xb = tl.load(sp + 1).to(f64)
+        b_s_xo = tl.load(sp + 2).to(f64)
+        b_h_x = tl.load(sp + 3).to(f64)
+        b_m_y = tl.load(sp + 4).to(f64)
+        b_s_yb = tl.load(sp + 5).to(f64)
+        b_s_yo = tl.load(sp + 6).to(f64)
+        b_h_y = tl.load(sp + 7).to(f64)
+        b_c_x = tl.load(sp + 8).to(f64)
+        b_c_y = tl.load(sp + 9).to(f64)
+        b_c_set = tl.load(sp + 10).to(f64)
+        b_u = tl.load(sp + 11).to(f64)
+        b_a = tl.load(sp + 12).to(f64)
+        b_b = tl.load(sp + 13).to(f64)
+        b_xy = tl.load(sp + 14).to(f64)
+        b_xx = tl.load(sp + 15).to(f64)
+        b_yy = tl.load(sp + 16).to(f64)
+        b_dd = tl.load(sp + 17).to(f64)
+        b_n_both = tl.load(sp + 18).to(f64)
+        b_n_bad = tl.load(sp + 19).to(f64)
+        b_n_fwd_inf = tl.load(sp + 20).to(f64)
+        b_n_rev_inf = tl.load(sp + 21).to(f64)
+        b_ax_val = tl.load(sp + 22).to(f64)
+        b_ay_val = tl.load(sp + 23).to(f64)
+        b_x_at_ay = tl.load(sp + 24).to(f64)
         ip = index_ptr + (row64 * SPLITS + split) * 2
         take_x = b_ax_val > ax_val
         take_y = b_ay_val > ay_val
@@ -801,8 +972,8 @@ def _merge_splits_kernel(
 
     if n_bad == 0:
         _finalize(
-            out_ptr, N, row, ref_ptr + row64 * ref_stride, quant_ptr + row64 * quant_stride,
-            label_ptr, ignore_index,
+            out_ptr, N, V, row, _row_pointer(ref_ptr, row64, T, ref_sb, ref_st),
+            _row_pointer(quant_ptr, row64, T, quant_sb, quant_st), label_ptr, ignore_index,
             m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
             n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
         )  # fmt: skip
@@ -810,11 +981,49 @@ def _merge_splits_kernel(
         tl.store(flag_ptr + row, 1)
 
 
-def _num_programs_wanted(device: torch.device) -> int:
-    """Programs needed to fill the device: a few per SM on CUDA, one per row elsewhere."""
+# Register cap (ptxas .maxnreg) of the fast kernel on CUDA. Uncapped, Triton 3.6 gives it 255
+# registers (2 blocks of 4 warps per SM); 168 keeps 3 blocks/SM with no spill in the hot loop
+# on Triton 3.6 and 3.9 (benchmarks/sass_report.py; benchmarks/results/2026-12-03-sass/).
+DEFAULT_MAXNREG = 168
+# Register file and limits per SM of sm_80/sm_90 (the occupancy estimate of the split heuristic).
+_SM_REGISTERS = 65536
+_SM_MAX_WARPS = 64
+_SM_MAX_BLOCKS = 32
+# (device index, launch shape) -> registers per thread of the compiled fast kernel
+_COMPILED_REGS: dict[tuple, int] = {}
+
+
+def blocks_per_sm(regs: int, num_warps: int, shared_bytes: int = 0,
+                  smem_per_sm: int = 228 * 1024) -> int:  # fmt: skip
+    """Resident blocks of ``num_warps`` warps per SM: registers are allocated per warp in units
+    of 256 (``regs`` rounded up to a multiple of 8 per thread) from 64K per SM, with at most
+    64 warps and 32 blocks per SM and ``smem_per_sm`` bytes of shared memory."""
+    per_warp = -(-regs * 32 // 256) * 256
+    fit = min(_SM_REGISTERS // (per_warp * num_warps), _SM_MAX_WARPS // num_warps, _SM_MAX_BLOCKS)
+    if shared_bytes:
+        fit = min(fit, smem_per_sm // shared_bytes)
+    return max(1, fit)
+
+
+def _num_programs_wanted(device: torch.device, regs: int, num_warps: int) -> int:
+    """Programs that fill the device once: resident blocks per SM (from the fast kernel's
+    registers per thread) × SMs on CUDA, one per row elsewhere."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return blocks_per_sm(regs, num_warps) * sms
     return 1
+
+
+def _as_rows3(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` as a [B, T, V] view (a 2-D [N, V] input becomes [1, N, V]); never a copy."""
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be [N, V] or [B, T, V], got shape {tuple(t.shape)}")
+    if t.stride(2) != 1:
+        raise ValueError(f"{name}: logit rows must be contiguous along the vocabulary "
+                         f"dimension (stride {t.stride(2)})")  # fmt: skip
+    return t
 
 
 def logit_compare_triton(
@@ -827,27 +1036,43 @@ def logit_compare_triton(
     block_v: int | None = None,
     splits: int | None = None,
     num_warps: int | None = None,
+    maxnreg: int | None = DEFAULT_MAXNREG,
+    align: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Launch the fused kernels on ``ref``/``quant`` [N, V] (unit stride along V).
+    """Launch the fused kernels on ``ref``/``quant`` [N, V] or [B, T, V] with unit stride along
+    V; the leading strides are arbitrary (sliced, transposed, misaligned views are read in
+    place, never copied) and may differ between the two.
 
-    Returns 1-D tensors of length N: fp32 metrics and bool flags, keyed like
-    :class:`qmetrics.TokenMetrics`. ``block_v`` (tile width), ``splits`` (programs per row) and
-    ``num_warps`` override the heuristics; tests use the first two to exercise the multi-tile
-    and split-merge paths on small inputs, benchmarks all three to tune.
+    Returns 1-D tensors of length N = B·T: fp32 metrics and bool flags, keyed like
+    :class:`qmetrics.TokenMetrics`. ``labels``: None or N int64 class indices; one that is
+    neither ``ignore_index`` nor in [0, V) gets NaN ``nll_*``/``prob_*`` and is never read.
+    ``block_v`` (tile width), ``splits`` (programs per row), ``num_warps`` and ``maxnreg``
+    (register cap on CUDA; None: uncapped) override the defaults; tests use the first two to
+    exercise the multi-tile and split-merge paths on small inputs, benchmarks all four to
+    tune. ``align=False`` turns off the peeled head that aligns misaligned rows (A/B tests).
     """
-    n, vocab = ref.shape
-    if ref.stride(1) != 1 or quant.stride(1) != 1:
-        raise ValueError("logit rows must be contiguous along the vocabulary dimension")
+    ref = _as_rows3(ref, "ref")
+    quant = _as_rows3(quant, "quant")
+    if quant.shape != ref.shape:
+        raise ValueError(f"ref and quant shapes differ: {tuple(ref.shape)} vs "
+                         f"{tuple(quant.shape)}")  # fmt: skip
     if top_k > MAX_TOP_K:
         raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {top_k}")
+    batch, seq, vocab = ref.shape
+    n = batch * seq
     dev = ref.device
     on_gpu = dev.type == "cuda"
+    if labels is not None:
+        if labels.numel() != n:
+            raise ValueError(f"labels must have {n} entries (one per row), got {labels.numel()}")
+        if labels.device != dev:
+            raise ValueError(f"labels are on {labels.device}, logits on {dev}")
+        labels = labels.reshape(-1).to(torch.int64).contiguous()  # small: a copy is cheap
     if num_warps is None:
         num_warps = 4
     # The fast kernel's tile is G sub-tiles [ROWS, VEC]: VEC elements make one 16-byte load of
     # the wider input dtype; on a GPU each of the 32·num_warps threads holds one row of each
-    # sub-tile (G = 4 by default: ~37 SASS instructions per logit, 128–168 registers, no
-    # spills on sm_90 with Triton 3.6 and 3.8; benchmarks/sass_report.py).
+    # sub-tile (G = 4 by default; benchmarks/sass_report.py has its registers and SASS).
     vec = 16 // max(ref.element_size(), quant.element_size())
     if block_v is None:
         block_v = 4 * 32 * num_warps * vec if on_gpu else 8192
@@ -860,36 +1085,58 @@ def logit_compare_triton(
     else:  # interpreter: few, wide tiles
         sub_tiles = min(4, block_v // vec)
         tile_rows = block_v // (sub_tiles * vec)
+    # Rows whose start is not on a VEC-element boundary (V % VEC ≠ 0, x[..., 1:]) peel a head
+    # of < VEC elements, so the body keeps 16-byte loads; this needs ref and quant rows to
+    # share their misalignment, else the kernel runs without alignment hints (scalar loads).
+    mis = [(t.data_ptr() // t.element_size()) % vec for t in (ref, quant)]
+    same = mis[0] == mis[1] and all(ref.stride(d) % vec == quant.stride(d) % vec for d in (0, 1))
+    aligned = align and same
+    align_x = vec * ref.element_size() if aligned else 0
+    align_y = vec * quant.element_size() if aligned else 0
+    # Splits along V when there are too few rows to fill the device once (resident blocks
+    # per SM from the compiled kernel's registers; before the first compile, from the cap).
+    maxnreg = maxnreg if on_gpu else None
+    kp = max(2, triton.next_power_of_2(top_k))
+    shape_key = (dev.index, ref.dtype, quant.dtype, num_warps, maxnreg, sub_tiles, tile_rows,
+                 labels is not None, kp, align_x, align_y)  # fmt: skip
+    regs = _COMPILED_REGS.get(shape_key, maxnreg or 255)
     n_tiles = triton.cdiv(vocab, block_v)
     if splits is None:
-        splits = min(n_tiles, max(1, triton.cdiv(_num_programs_wanted(dev), n)))
+        splits = min(n_tiles, max(1, triton.cdiv(_num_programs_wanted(dev, regs, num_warps),
+                                                 max(n, 1))))  # fmt: skip
     splits = max(1, min(splits, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     v_per_split = tiles_per_split * block_v
-    kp = max(2, triton.next_power_of_2(top_k))
 
     out = torch.empty(NUM_OUTPUTS, n, dtype=torch.float32, device=dev)
     flag = torch.zeros(n, dtype=torch.int32, device=dev)
     has_labels = labels is not None
     label_arg = labels if has_labels else out
+    if n == 0:
+        return _outputs(out, labels, ignore_index, n, dev)
     if splits > 1:
         state = torch.empty(n, splits, NUM_STATE, dtype=torch.float32, device=dev)
         index = torch.empty(n, splits, 2, dtype=torch.int32, device=dev)
         top = torch.empty(n, splits, kp, dtype=torch.float32, device=dev)
     else:
         state = index = top = out
-    _fast_kernel[(n, splits)](
-        ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top, flag,
-        n, vocab, v_per_split, ignore_index, top_k, splits,
+    # FP fusion (FMA) is pinned on: Triton ≥ 3.7 turns it off by default (+10 SASS per logit).
+    opts = {"maxnreg": maxnreg, "enable_fp_fusion": True} if on_gpu else {}
+    ptrs = (ref, ref.stride(0), ref.stride(1), quant, quant.stride(0), quant.stride(1))
+    compiled = _fast_kernel[(n, splits)](
+        *ptrs, label_arg, out, state, index, top, flag,
+        n, seq, vocab, v_per_split, ignore_index, top_k, splits, mis[0],
         HAS_LABELS=has_labels, WRITE_PARTIAL=splits > 1, NUM_STATE_=NUM_STATE, KP=kp,
         G=sub_tiles, ROWS=tile_rows, VEC=vec, PTX=on_gpu and torch.version.hip is None,
-        num_warps=num_warps,
+        ALIGN_X=align_x, ALIGN_Y=align_y, num_warps=num_warps, **opts,
     )  # fmt: skip
+    if on_gpu and getattr(compiled, "n_regs", None):
+        _COMPILED_REGS[shape_key] = compiled.n_regs
     if splits > 1:
         _merge_splits_kernel[(n,)](
-            ref, ref.stride(0), quant, quant.stride(0), label_arg, out, state, index, top,
-            flag, n, ignore_index, top_k, splits,
+            *ptrs, label_arg, out, state, index, top,
+            flag, n, seq, vocab, ignore_index, top_k, splits,
             HAS_LABELS=has_labels, NUM_STATE_=NUM_STATE, KP=kp,
             SPLITS_P2=triton.next_power_of_2(splits),
             num_warps=4,
@@ -899,16 +1146,20 @@ def logit_compare_triton(
     # Its per-lane sums need ~16 registers per lane: 1024-wide tiles keep the spill small.
     if on_gpu or bool(flag.any()):
         _general_kernel[(n,)](
-            ref, ref.stride(0), quant, quant.stride(0), label_arg, out, flag,
-            n, vocab, ignore_index, top_k,
+            *ptrs, label_arg, out, flag, n, seq, vocab, ignore_index, top_k,
             HAS_LABELS=has_labels, KP=kp, BLOCK_V=min(block_v, 1024) if on_gpu else block_v,
             num_warps=num_warps,
         )  # fmt: skip
+    return _outputs(out, labels, ignore_index, n, dev)
 
+
+def _outputs(out: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, n: int,
+             dev: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The [NUM_OUTPUTS, N] result as named 1-D tensors (match flags and ``scored`` as bool)."""
     result = {name: out[i] for i, name in enumerate(OUTPUTS[:6])}
     for i, name in enumerate(OUTPUTS[6:9], start=6):
         result[name] = out[i] > 0.5
-    if has_labels:
+    if labels is not None:
         for i, name in enumerate(OUTPUTS[9:], start=9):
             result[name] = out[i]
         result["scored"] = labels != ignore_index
