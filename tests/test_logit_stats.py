@@ -690,6 +690,18 @@ def _sync_worker(rank: int, init_file: str) -> None:
             stats.reset()
         stats.sync()
         assert stats.compute().tokens_seen == sum(RANK_SIZES[0])
+        # percentiles: an exact rank and a sketch rank sync to a sketch, the merge of both
+        mixed = run(local_batches, percentiles="exact" if rank == 0 else "sketch")
+        mixed.sync()
+        both = run(make_batches(sizes=RANK_SIZES[0], seed=0), percentiles="exact")
+        both.merge(run(make_batches(sizes=RANK_SIZES[1], seed=100), percentiles="sketch"))
+        assert mixed.compute().percentile_method == "sketch"
+        assert mixed.compute().kl_distribution == both.compute().kl_distribution
+        # auto: each rank holds at most exact_limit values, together more → sketch everywhere
+        auto = run(local_batches, exact_limit=max(sum(s) for s in RANK_SIZES.values()))
+        assert auto.compute().percentile_method == "exact"
+        auto.sync()
+        assert auto.compute().percentile_method == "sketch"
     finally:
         dist.destroy_process_group()
 

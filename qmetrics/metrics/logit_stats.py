@@ -29,9 +29,20 @@ n = n_a + n_b and δ = mean_b − mean_a:
     mean = mean_a + δ·n_b/n,   M2 = M2_a + M2_b + δ²·n_a·n_b/n,
     C    = C_a + C_b + δ_ref·δ_quant·n_a·n_b/n.
 
-All metrics share one count, since a row is scored for all of them or for none. The per-token
-``kl`` and ``delta_p`` of the scored rows are kept too (float32, on CPU, appended chunk-wise;
-4 bytes per token each), for exact percentiles, max and min.
+All metrics share one count, since a row is scored for all of them or for none.
+
+Percentiles (``percentiles=``). ``"exact"`` keeps the per-token ``kl`` and ``delta_p`` of the
+scored rows (float32, on CPU, appended chunk-wise; 4 bytes per token each) for exact
+percentiles, max and min (``numpy.percentile``, linear). ``"sketch"`` keeps instead one
+:class:`~qmetrics.metrics.quantile_sketch.QuantileSketch` per metric: a fixed-size histogram
+with bin ratio 1.008 (relative error < 0.8 % for |x| in [1e-10, 1e3] for kl, [1e-10, 1] for
+Δp; absolute < 1e-10 below), exact max/min and the 1024 largest and smallest values kept
+exactly, about 140 kB for both whatever the token count. ``"auto"`` (the default) is exact until
+more than ``exact_limit`` tokens' values are held (default :data:`EXACT_LIMIT` = 10⁷ tokens,
+80 MB), then folds the values into the sketch and goes on there. The count is known without a
+device sync: settled scored tokens plus every row of the batches not yet settled. The result's
+``percentile_method`` says which one produced the percentiles; merging an exact state with a
+sketch one gives a sketch.
 
 Device. ``update`` makes no host synchronisation: it only enqueues work on the metrics' device.
 There each batch leaves device tensors: sums of the row counts, its (n, mean, M2, C) summary
@@ -62,7 +73,7 @@ and the same delta-method propagation as the iid one. It is NaN with fewer than 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,6 +83,7 @@ import torch
 from qmetrics.metrics.estimate import Distribution, Estimate, chan_merge
 from qmetrics.metrics.functional import Backend, check_backend, compare_logits
 from qmetrics.metrics.json_values import json_float
+from qmetrics.metrics.quantile_sketch import QuantileSketch
 from qmetrics.metrics.token_metrics import FLOAT_FIELDS, TokenMetrics
 from qmetrics.metrics.validation import bad_labels_error, out_of_range_labels
 
@@ -89,9 +101,15 @@ _I_NLL_REF = METRICS.index("nll_ref")
 _I_NLL_QUANT = METRICS.index("nll_quant")
 #: Metrics reported with mean ± stderr (delta_p_sq is internal: it feeds the RMS Δp).
 REPORTED = tuple(m for m in METRICS if m != "delta_p_sq")
-#: Percentiles reported for kl and delta_p (numpy.percentile, linear interpolation).
-PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
-STATE_VERSION = 2
+#: Percentiles reported for kl and delta_p (numpy.percentile, linear interpolation); the
+#: quartiles are those llama.cpp prints for Δp.
+PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
+#: ``percentiles="auto"`` keeps exact per-token values up to this many tokens (8 bytes each).
+EXACT_LIMIT = 10_000_000
+PercentileMode = Literal["auto", "exact", "sketch"]
+#: Sketch layouts (lo, hi): KL ≥ 0 up to 1e3 nats, Δp ∈ [−1, 1].
+_SKETCH_RANGE = {"kl": (1e-10, 1e3), "delta_p": (1e-10, 1.0)}
+STATE_VERSION = 3  # 3: percentile_method and the sketches; 2: no sketches; 1: no sequences
 #: Columns of the per-sequence sums: every metric, then the top-1 and top-k match counts.
 BLOCK_COLS = (*METRICS, "top1_match", "topk_match")
 
@@ -129,22 +147,59 @@ _SETTINGS = ("version", "top_k", "ignore_index", "has_labels")
 # Concatenate the value chunks once this many have piled up (bounds per-chunk overhead).
 _MAX_CHUNKS = 256
 
-State = dict[str, Any]  # tensors for sum/chan entries, lists of 1-D tensors for cat entries
+#: The percentile sketches of a sketch-mode state (None in an exact one), by value name.
+SKETCHES = ("kl", "delta_p")
+
+# tensors for sum/chan entries, lists of 1-D tensors for cat entries, and "kl_sketch" /
+# "delta_p_sketch": a QuantileSketch each in sketch mode, None in exact mode
+State = dict[str, Any]
 
 
-def _empty_state() -> State:
+def _new_sketch(name: str, device: torch.device | str | None = None) -> QuantileSketch:
+    lo, hi = _SKETCH_RANGE[name]
+    return QuantileSketch(lo, hi, device=device)
+
+
+def _empty_state(sketch: bool = False) -> State:
     state: State = {}
     for spec in STATE:
         if spec.reduction == "cat":
             state[spec.name] = []
         else:
             state[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
+    for name in SKETCHES:
+        state[f"{name}_sketch"] = _new_sketch(name) if sketch else None
     return state
 
 
+def _is_sketch(state: State) -> bool:
+    return state["kl_sketch"] is not None
+
+
+def _as_sketch(state: State) -> State:
+    """``state`` with its per-token values folded into new sketches (itself if already one).
+    No host reads: torch ops on the CPU state only."""
+    if _is_sketch(state):
+        return state
+    out = dict(state)
+    for name in SKETCHES:
+        sketch = _new_sketch(name)
+        for chunk in state[f"{name}_values"]:
+            sketch.update(chunk)
+        out[f"{name}_sketch"], out[f"{name}_values"] = sketch, []
+    return out
+
+
 def _combine(a: State, b: State) -> State:
-    """The state of the union of the data behind ``a`` and ``b`` (``a``'s rows first)."""
+    """The state of the union of the data behind ``a`` and ``b`` (``a``'s rows first); a
+    sketch if either is one."""
     out: State = {}
+    if _is_sketch(a) or _is_sketch(b):
+        a, b = _as_sketch(a), _as_sketch(b)
+        for name in SKETCHES:
+            out[f"{name}_sketch"] = a[f"{name}_sketch"].clone().merge(b[f"{name}_sketch"])
+    else:
+        out.update({f"{name}_sketch": None for name in SKETCHES})
     for spec in STATE:
         if spec.reduction == "sum":
             out[spec.name] = a[spec.name] + b[spec.name]
@@ -183,6 +238,12 @@ class LogitStatsResult:
     ppl_diff: Estimate | None = None
     nll_correlation: float | None = None
     sequences: int = 0
+    #: "exact" (numpy.percentile of every value) or "sketch" (a QuantileSketch estimate)
+    percentile_method: Literal["exact", "sketch"] = "exact"
+    #: metrics the inputs lacked (cosine, mse from a top-K reference store): not in ``means``
+    absent: tuple[str, ...] = ()
+    #: True when kl / reverse_kl (means and percentiles) are lower bounds (top-K reference)
+    kl_lower_bound: bool = False
 
     @property
     def has_labels(self) -> bool:
@@ -198,7 +259,8 @@ class LogitStatsResult:
         {metric: {value, stderr, stderr_seq}}, ``agreement`` {top1, topk: {…}},
         ``kl_distribution`` / ``delta_p_distribution`` {max, min, percentiles {"99.9": ...}},
         ``rms_delta_p`` {…}, ``perplexity`` {ppl_ref, ppl_quant, ln_ppl_ratio, ppl_ratio,
-        ppl_diff: {value, stderr, stderr_seq}, nll_correlation}.
+        ppl_diff: {value, stderr, stderr_seq}, nll_correlation}, ``percentile_method`` ("exact"
+        or "sketch": how the distributions' percentiles were computed).
         """
 
         def opt(x: Estimate | Distribution | None) -> dict[str, Any] | None:
@@ -234,6 +296,9 @@ class LogitStatsResult:
             "delta_p_distribution": opt(self.delta_p_distribution),
             "rms_delta_p": opt(self.rms_delta_p),
             "perplexity": perplexity,
+            "percentile_method": self.percentile_method,
+            "absent": list(self.absent),
+            "kl_lower_bound": self.kl_lower_bound,
         }
 
 
@@ -248,22 +313,46 @@ class LogitStats:
 
     Whether labels are used is fixed by the first update after construction or ``reset()``;
     mixing batches with and without labels raises ``ValueError``.
+
+    ``percentiles``: ``"auto"`` (exact up to ``exact_limit`` tokens, then the fixed-size
+    sketch), ``"exact"`` (always keep every value) or ``"sketch"`` (never keep them); see the
+    module docstring, "Percentiles".
     """
 
-    def __init__(self, top_k: int = 5, ignore_index: int = -100, backend: Backend = "auto"):
+    def __init__(
+        self,
+        top_k: int = 5,
+        ignore_index: int = -100,
+        backend: Backend = "auto",
+        *,
+        percentiles: PercentileMode = "auto",
+        exact_limit: int = EXACT_LIMIT,
+    ):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        if percentiles not in ("auto", "exact", "sketch"):
+            raise ValueError(
+                f"percentiles must be 'auto', 'exact' or 'sketch', got {percentiles!r}"
+            )
+        if isinstance(exact_limit, bool) or not isinstance(exact_limit, int) or exact_limit < 0:
+            raise ValueError(f"exact_limit must be an int ≥ 0, got {exact_limit!r}")
         check_backend(backend)
         self.top_k = top_k
         self.ignore_index = ignore_index
         self.backend: Backend = backend
-        self._state: State = _empty_state()
+        self.percentiles: PercentileMode = percentiles
+        self.exact_limit = exact_limit
+        self._state: State = _empty_state(sketch=percentiles == "sketch")
         self._has_labels: bool | None = None
         self._pending: _Pending | None = None  # device-side batches not yet in _state
         self._bad: _BadLabels | None = None  # out-of-range labels settled so far
         self._local: tuple[State, bool | None, _BadLabels | None] | None = None  # while synced
+        # metrics the inputs lack (None until the first batch; a top-K reference summary has no
+        # cosine/mse) and whether its KL is a lower bound: fixed by the first batch, like labels
+        self._absent: tuple[str, ...] | None = None
+        self._kl_lower_bound = False
 
     # --- accumulation ------------------------------------------------------------------------
 
@@ -276,6 +365,15 @@ class LogitStats:
     def synced(self) -> bool:
         """Whether the state is the all-rank state from :meth:`sync` (until :meth:`unsync`)."""
         return self._local is not None
+
+    @property
+    def percentile_method(self) -> Literal["exact", "sketch"]:
+        """How percentiles are computed now: "exact" while the per-token values are kept,
+        "sketch" once they were folded into the fixed-size sketch."""
+        sketch = _is_sketch(self._state) or (
+            self._pending is not None and not self._pending.keep_values
+        )
+        return "sketch" if sketch else "exact"
 
     @property
     def tokens_seen(self) -> int:
@@ -329,6 +427,8 @@ class LogitStats:
                 f"top_k mismatch: metrics have top_k={tm.top_k}, expected {self.top_k}"
             )
         self._check_labels(tm.has_labels, "this batch")
+        absent = tuple(name for name in FLOAT_FIELDS if getattr(tm, name) is None)
+        self._check_absent(absent, tm.kl_lower_bound, "this batch")
         if tm.kl.device.type == "mps":  # no float64 there
             tm = TokenMetrics(top_k=tm.top_k, **{k: v.cpu() for k, v in tm.to_dict().items()})
         sequences = tm.kl.shape[0] if tm.kl.dim() >= 2 else 1
@@ -336,13 +436,20 @@ class LogitStats:
         if self._pending is not None and self._pending.device != tm.kl.device:
             self._settle()
         if self._pending is None:
-            self._pending = _Pending(tm.kl.device)
+            self._pending = _Pending(
+                tm.kl.device,
+                keep_values=self.percentile_method == "exact",
+                sketch=self.percentiles != "exact" or _is_sketch(self._state),
+            )
         self._pending.add(tm, sequences, ids)
         self._has_labels = tm.has_labels
+        self._absent, self._kl_lower_bound = absent, tm.kl_lower_bound
+        self._switch_if_due()
 
     def reset(self) -> None:
         """Drop all data (settings stay; labels on/off is decided afresh by the next batch)."""
-        self._state = _empty_state()
+        self._absent, self._kl_lower_bound = None, False
+        self._state = _empty_state(sketch=self.percentiles == "sketch")
         self._has_labels = None
         self._pending = None
         self._bad = None
@@ -352,7 +459,8 @@ class LogitStats:
         """Fold ``other``'s data into this accumulator, exactly as if its batches had been
         updated here (after this one's); ``other`` is unchanged. Returns ``self``.
 
-        Raises ``ValueError`` if top_k, ignore_index or labels on/off differ.
+        Raises ``ValueError`` if top_k, ignore_index or labels on/off differ. If either holds
+        a sketch (or the union passes ``exact_limit`` in auto mode) the result is a sketch.
         """
         self._check_not_synced("merge")
         if not isinstance(other, LogitStats):
@@ -361,11 +469,15 @@ class LogitStats:
         if other._has_labels is not None:
             self._check_labels(other._has_labels, "the other accumulator")
             self._has_labels = other._has_labels
+        if other._absent is not None:
+            self._check_absent(other._absent, other._kl_lower_bound, "the other accumulator")
+            self._absent, self._kl_lower_bound = other._absent, other._kl_lower_bound
         self._settle()
         other._settle()
         self._state = _combine(self._state, other._state)
         self._bad = _BadLabels.join(self._bad, other._bad)
         self._compact()
+        self._switch_if_due()
         return self
 
     # --- persistence -------------------------------------------------------------------------
@@ -375,29 +487,43 @@ class LogitStats:
 
         It saves as is with ``safetensors.torch.save_file`` or ``torch.save`` (and loads with
         ``weights_only=True``). Settings are 0-d int64 tensors: ``version``, ``top_k``,
-        ``ignore_index``, ``has_labels`` (−1 undecided, 0 no, 1 yes). The backend is an
-        execution choice and is not saved. Raises ``ValueError`` when out-of-range labels were
-        seen (a saved state never holds them).
+        ``ignore_index``, ``has_labels`` (−1 undecided, 0 no, 1 yes), ``percentile_method``
+        (0 exact: ``kl_values`` / ``delta_p_values`` hold every scored token's value; 1 sketch:
+        they are empty and ``kl_sketch.*`` / ``delta_p_sketch.*`` hold the sketches, a fixed
+        size). The backend, ``percentiles`` and ``exact_limit`` are execution choices and are
+        not saved. Raises ``ValueError`` when out-of-range labels were seen (a saved state never
+        holds them).
         """
         self._settle()
         self._raise_bad_labels()
         return self._state_tensors()
 
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """:meth:`state_dict` without the bad-label check (the state must be settled)."""
-        self._compact(force=True)
+    def _state_tensors(self, state: State | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`state_dict` without the bad-label check (the state must be settled), of
+        ``state`` (default: this accumulator's)."""
+        if state is None:
+            self._compact(force=True)
+            state = self._state
         labels = -1 if self._has_labels is None else int(self._has_labels)
         sd = {
             "version": torch.tensor(STATE_VERSION, dtype=torch.int64),
             "top_k": torch.tensor(self.top_k, dtype=torch.int64),
             "ignore_index": torch.tensor(self.ignore_index, dtype=torch.int64),
             "has_labels": torch.tensor(labels, dtype=torch.int64),
+            # bit i: FLOAT_FIELDS[i] absent (−1: no batch yet); optional when loading
+            "absent_fields": _absent_bits(self._absent),
+            "kl_lower_bound": torch.tensor(int(self._kl_lower_bound), dtype=torch.int64),
+            "percentile_method": torch.tensor(int(_is_sketch(state)), dtype=torch.int64),
         }
         for spec in STATE:
-            value = self._state[spec.name]
+            value = state[spec.name]
             if spec.reduction == "cat":
-                value = value[0] if value else torch.zeros(0, dtype=spec.dtype)
+                value = torch.cat(value) if value else torch.zeros(0, dtype=spec.dtype)
             sd[spec.name] = value.clone()
+        for name in SKETCHES:
+            if state[f"{name}_sketch"] is not None:
+                for key, t in state[f"{name}_sketch"].state_dict().items():
+                    sd[f"{name}_sketch.{key}"] = t
         return sd
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor | int | float]) -> None:
@@ -408,8 +534,10 @@ class LogitStats:
         if "version" in sd and _as_int(sd["version"], "version") == 1:
             # version 1 had no per-sequence sums: stderr_seq is NaN for such a run
             empty = torch.zeros(0, dtype=torch.int64)
-            sd = {**sd, "version": STATE_VERSION, "seq_id": empty, "seq_n": empty,
+            sd = {**sd, "version": 2, "seq_id": empty, "seq_n": empty,
                   "seq_sums": torch.zeros(0, dtype=torch.float64)}  # fmt: skip
+        if "version" in sd and _as_int(sd["version"], "version") == 2:
+            sd = {**sd, "version": STATE_VERSION, "percentile_method": 0}  # exact values only
         missing = [k for k in (*_SETTINGS, *(s.name for s in STATE)) if k not in sd]
         if missing:
             raise ValueError(f"state dict lacks {missing}")
@@ -432,14 +560,24 @@ class LogitStats:
                 )
             value = value.detach().to("cpu").clone()
             state[spec.name] = [value] if spec.reduction == "cat" else value
-        if len(state["kl_values"][0]) != int(state["n"]):
-            raise ValueError(
-                f"state dict holds {len(state['kl_values'][0])} kl values for n={int(state['n'])}"
-            )
+        state.update(_sketches_from(sd))
+        n = int(state["n"])
+        if _is_sketch(state):
+            held = {name: len(state[f"{name}_values"][0]) for name in SKETCHES}
+            counted = {name: state[f"{name}_sketch"].count for name in SKETCHES}
+            expected = {"kl": n, "delta_p": n if settings["has_labels"] == 1 else 0}
+            if any(held.values()) or counted != expected:
+                raise ValueError(
+                    f"state dict sketches hold {counted} values and {held} per-token values "
+                    f"for n={n}, has_labels={settings['has_labels']} (expected {expected} and "
+                    "no per-token values)"
+                )
+        if not _is_sketch(state) and len(state["kl_values"][0]) != n:
+            raise ValueError(f"state dict holds {len(state['kl_values'][0])} kl values for n={n}")
         n_dp = len(state["delta_p_values"][0])
-        if n_dp != (int(state["n"]) if settings["has_labels"] == 1 else 0):
+        if not _is_sketch(state) and n_dp != (n if settings["has_labels"] == 1 else 0):
             raise ValueError(
-                f"state dict holds {n_dp} delta_p values for n={int(state['n'])}, "
+                f"state dict holds {n_dp} delta_p values for n={n}, "
                 f"has_labels={settings['has_labels']}"
             )
         n_seq = len(state["seq_n"][0])
@@ -454,19 +592,35 @@ class LogitStats:
             )
         self._state = state
         self._has_labels = None if settings["has_labels"] < 0 else bool(settings["has_labels"])
+        bits = _as_int(sd.get("absent_fields", -1), "absent_fields")
+        self._absent = None if bits < 0 else tuple(
+            name for i, name in enumerate(FLOAT_FIELDS) if bits >> i & 1
+        )  # fmt: skip
+        self._kl_lower_bound = bool(_as_int(sd.get("kl_lower_bound", 0), "kl_lower_bound"))
         self._pending = None
         self._bad = None
+        self._switch_if_due()
 
     @classmethod
     def from_state_dict(
-        cls, sd: Mapping[str, torch.Tensor | int | float], backend: Backend = "auto"
+        cls,
+        sd: Mapping[str, torch.Tensor | int | float],
+        backend: Backend = "auto",
+        *,
+        percentiles: PercentileMode = "auto",
+        exact_limit: int = EXACT_LIMIT,
     ) -> LogitStats:
-        """A new accumulator with the settings and state saved in ``sd``."""
+        """A new accumulator with the settings and state saved in ``sd`` (a sketch state
+        stays a sketch whatever ``percentiles``)."""
         for key in ("top_k", "ignore_index"):
             if key not in sd:
                 raise ValueError(f"state dict lacks {key!r}")
         stats = cls(
-            _as_int(sd["top_k"], "top_k"), _as_int(sd["ignore_index"], "ignore_index"), backend
+            _as_int(sd["top_k"], "top_k"),
+            _as_int(sd["ignore_index"], "ignore_index"),
+            backend,
+            percentiles=percentiles,
+            exact_limit=exact_limit,
         )
         stats.load_state_dict(sd)
         return stats
@@ -483,7 +637,10 @@ class LogitStats:
         / ``load_state_dict`` raise while synced (they would count other ranks' data twice at
         the next sync). With the NCCL backend the tensors travel through the current CUDA
         device. The per-token values are all-gathered: each rank briefly holds
-        world_size × (longest rank's count) × 4 bytes for kl (and again for delta_p).
+        world_size × (longest rank's count) × 4 bytes for kl (and again for delta_p). If any
+        rank holds a sketch (or, in auto mode, the ranks together hold more than
+        ``exact_limit`` tokens' values) every rank sends sketches instead: world_size × their
+        fixed size, and the synced state is a sketch.
         """
         if not _dist_ready():
             return
@@ -499,7 +656,13 @@ class LogitStats:
             device = torch.device("cuda", torch.cuda.current_device())
 
         self._settle()
-        sd = self._state_tensors()
+        # all ranks agree on exact values or sketches first (the gathered keys must match)
+        mode = torch.tensor([int(_is_sketch(self._state)), self._kept_tokens()])
+        modes = [p.cpu() for p in _all_gather(mode.to(device), world, process_group)]
+        to_sketch = any(int(m[0]) for m in modes) or (
+            self.percentiles == "auto" and sum(int(m[1]) for m in modes) > self.exact_limit
+        )
+        sd = self._state_tensors(_as_sketch(self._state) if to_sketch else None)
         # out-of-range labels travel beside the state (every rank's compute() then raises)
         sd["bad_labels"] = _BadLabels.as_tensor(self._bad)
         gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
@@ -530,6 +693,7 @@ class LogitStats:
                 s.name: [rank_sd[s.name]] if s.reduction == "cat" else rank_sd[s.name]
                 for s in STATE
             }
+            rank_state.update(_sketches_from(rank_sd))
             state = _combine(state, rank_state)
             bad = _BadLabels.join(bad, _BadLabels.from_tensor(rank_sd["bad_labels"]))
         self._state = state
@@ -588,7 +752,7 @@ class LogitStats:
         means = {
             name: Estimate(mean[i], se[i], ses[i])
             for i, name in enumerate(used)
-            if name in REPORTED
+            if name in REPORTED and name not in (self._absent or ())
         }
 
         def agreement(matches: int, col: str) -> Estimate:
@@ -616,7 +780,7 @@ class LogitStats:
                 - 2.0 * ppl_q * ppl_r * float(seq_cov[i_r, i_q])
             )
             kwargs.update(
-                delta_p_distribution=_distribution(st["delta_p_values"][0]),
+                delta_p_distribution=_distribution(st["delta_p_sketch"] or st["delta_p_values"][0]),
                 rms_delta_p=Estimate(
                     rms,
                     se[i_sq] / (2.0 * rms) if rms > 0 else math.nan,
@@ -643,16 +807,36 @@ class LogitStats:
             top1_agreement=agreement(int(st["top1_matches"]), "top1_match"),
             topk_agreement=agreement(int(st["topk_matches"]), "topk_match"),
             sequences=sequences,
-            kl_distribution=_distribution(st["kl_values"][0]),
+            absent=self._absent or (),
+            kl_lower_bound=self._kl_lower_bound,
+            kl_distribution=_distribution(st["kl_sketch"] or st["kl_values"][0]),
+            percentile_method="sketch" if _is_sketch(st) else "exact",
             **kwargs,
         )
+
+    def kl_quantiles(self, levels: Sequence[float] | np.ndarray) -> list[float]:
+        """Per-token KL of the scored tokens at quantile ``levels`` in [0, 1] (e.g. for a CDF
+        plot): ``numpy.quantile`` (linear) of the kept values, or the sketch's estimate of it
+        (see :attr:`percentile_method`). Raises ``ValueError`` when no token was scored."""
+        self._settle()
+        self._compact(force=True)
+        st = self._state
+        if _is_sketch(st):
+            if st["kl_sketch"].count == 0:
+                raise ValueError("no scored tokens: no KL quantiles")
+            return st["kl_sketch"].quantiles(levels).tolist()
+        values = st["kl_values"][0] if st["kl_values"] else torch.zeros(0)
+        if values.numel() == 0:
+            raise ValueError("no scored tokens: no KL quantiles")
+        return np.quantile(values.double().numpy(), np.asarray(levels, dtype=np.float64)).tolist()
 
     def __repr__(self) -> str:
         self._settle()
         st = self._state
         return (
             f"LogitStats(top_k={self.top_k}, ignore_index={self.ignore_index}, "
-            f"backend={self.backend!r}, has_labels={self._has_labels}, seen={int(st['seen'])}, "
+            f"backend={self.backend!r}, percentiles={self.percentiles!r} "
+            f"({self.percentile_method}), has_labels={self._has_labels}, seen={int(st['seen'])}, "
             f"scored={int(st['n'])}, ignored={int(st['ignored'])}, "
             f"nonfinite={int(st['nonfinite'])})"
         )
@@ -667,6 +851,30 @@ class LogitStats:
         self._pending = None
         self._bad = _BadLabels.join(self._bad, bad)
         self._compact()
+        self._switch_if_due()
+
+    def _kept_tokens(self) -> int:
+        """Per-token values held: the settled scored tokens' plus, for pending batches that
+        keep values, all their rows (known from shapes: no host synchronisation)."""
+        held = sum(chunk.numel() for chunk in self._state["kl_values"])
+        if self._pending is not None and self._pending.keep_values:
+            held += self._pending.seen
+        return held
+
+    def _switch_if_due(self) -> None:
+        """Go over to the sketch when due (sketch mode, a sketch already in the state, or
+        auto mode past ``exact_limit``): fold the settled values into it and let the pending
+        batches drop theirs. No host synchronisation."""
+        due = (
+            self.percentiles == "sketch"
+            or _is_sketch(self._state)
+            or (self.percentiles == "auto" and self._kept_tokens() > self.exact_limit)
+        )
+        if not due:
+            return
+        self._state = _as_sketch(self._state)
+        if self._pending is not None and self._pending.keep_values:
+            self._pending.drop_values()
 
     def _raise_bad_labels(self) -> None:
         if self._bad is not None:
@@ -690,6 +898,16 @@ class LogitStats:
                 f"data {before} labels (call reset() to start over)"
             )
 
+    def _check_absent(self, absent: tuple[str, ...], lower_bound: bool, where: str) -> None:
+        """Raise when ``where`` lacks other metrics (or bounds KL otherwise) than earlier data."""
+        before = (self._absent, self._kl_lower_bound)
+        if self._absent is not None and (absent, lower_bound) != before:
+            raise ValueError(
+                f"metrics mismatch: {where} lacks {list(absent) or 'nothing'} (KL lower bound: "
+                f"{lower_bound}), earlier data lacks {list(self._absent) or 'nothing'} (KL lower "
+                f"bound: {self._kl_lower_bound}); call reset() to start over"
+            )
+
     def _check_settings(self, top_k: int, ignore_index: int, where: str) -> None:
         if top_k != self.top_k:
             raise ValueError(f"top_k mismatch: {where} has top_k={top_k}, this has {self.top_k}")
@@ -699,7 +917,8 @@ class LogitStats:
             )
 
     def _compact(self, force: bool = False) -> None:
-        """Concatenate the value chunks (always when ``force``, else past ``_MAX_CHUNKS``)."""
+        """Concatenate the value chunks (always when ``force``, else past ``_MAX_CHUNKS``);
+        when ``force``, also sum the rows of each named sequence into one."""
         for spec in STATE:
             if spec.reduction != "cat":
                 continue
@@ -707,6 +926,32 @@ class LogitStats:
             if len(chunks) > _MAX_CHUNKS or (force and len(chunks) != 1):
                 joined = torch.cat(chunks) if chunks else torch.zeros(0, dtype=spec.dtype)
                 self._state[spec.name] = [joined]
+        if force:
+            self._state = _fold_sequences(self._state)
+
+
+def _fold_sequences(state: State) -> State:
+    """``state`` with the rows of each named sequence (equal id ≥ 0, e.g. a window fed chunk
+    by chunk) summed into one: unnamed rows first, in order, then the named ids ascending. So
+    the per-sequence state grows with the sequences, not with the updates. Needs the sequence
+    entries joined (one chunk each)."""
+    if not state["seq_id"] or state["seq_id"][0].numel() == 0:
+        return state
+    ids = state["seq_id"][0]
+    named = ids >= 0
+    uniq, inverse = torch.unique(ids[named], return_inverse=True)
+    if uniq.numel() == int(named.sum()):
+        return state  # every named sequence has one row already
+    cols = len(BLOCK_COLS)
+    counts, sums = state["seq_n"][0], state["seq_sums"][0].reshape(-1, cols)
+    folded_n = torch.zeros(len(uniq), dtype=torch.int64).index_add_(0, inverse, counts[named])
+    folded_sums = torch.zeros(len(uniq), cols, dtype=torch.float64)
+    folded_sums.index_add_(0, inverse, sums[named])
+    out = dict(state)
+    out["seq_id"] = [torch.cat([ids[~named], uniq])]
+    out["seq_n"] = [torch.cat([counts[~named], folded_n])]
+    out["seq_sums"] = [torch.cat([sums[~named], folded_sums]).reshape(-1)]
+    return out
 
 
 def _sequence_ids(
@@ -759,8 +1004,13 @@ class _Pending:
     (module docstring, "Device"). Per update it enqueues a few small reductions; nothing is
     read back until :meth:`settle`."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, keep_values: bool = True, sketch: bool = False):
         self.device = device
+        self.keep_values = keep_values  # keep per-token kl / delta_p (exact percentiles)
+        # device-side sketches of the same values (sketch mode, or auto mode before its switch)
+        self.sketches: dict[str, QuantileSketch] | None = (
+            {name: _new_sketch(name, device) for name in SKETCHES} if sketch else None
+        )
         self.seen = 0  # rows, known from shapes
         # ignored, non-finite, top-1 matches, top-k matches (scored rows)
         self.counts = torch.zeros(4, dtype=torch.int64, device=device)
@@ -778,7 +1028,12 @@ class _Pending:
     def add(self, tm: TokenMetrics, sequences: int, ids: torch.Tensor | None) -> None:
         """Enqueue one batch's reductions (two-pass moments over the scored rows, by masks)."""
         tm = tm.flatten()
-        cols = [getattr(tm, name).double() for name in FLOAT_FIELDS]
+        # an absent metric (None: cosine/mse of a top-K reference) is a column of zeros,
+        # never reported (LogitStats._absent)
+        cols = [
+            (torch.zeros_like(tm.kl) if getattr(tm, name) is None else getattr(tm, name)).double()
+            for name in FLOAT_FIELDS
+        ]
         delta_p = None
         if tm.has_labels:
             assert tm.nll_ref is not None and tm.nll_quant is not None
@@ -808,9 +1063,14 @@ class _Pending:
             row[-1] = (dev[:, _I_NLL_REF] * dev[:, _I_NLL_QUANT]).sum()
         self.moments.append(row[None])
         nan = torch.tensor(math.nan, dtype=torch.float32, device=x.device)
-        self.kl.append(torch.where(valid, tm.kl.float(), nan))
-        if delta_p is not None:
-            self.delta_p.append(torch.where(valid, delta_p.float(), nan))
+        if self.keep_values:
+            self.kl.append(torch.where(valid, tm.kl.float(), nan))
+            if delta_p is not None:
+                self.delta_p.append(torch.where(valid, delta_p.float(), nan))
+        if self.sketches is not None:  # of the float32 values, as the exact percentiles
+            self.sketches["kl"].update(tm.kl.float(), valid)
+            if delta_p is not None:
+                self.sketches["delta_p"].update(delta_p.float(), valid)
         # per-sequence counts and sums (empty sequences are dropped at settle)
         seq = torch.arange(rows, device=x.device) // max(1, rows // sequences)
         block = x.new_zeros(rows, len(BLOCK_COLS))
@@ -824,6 +1084,12 @@ class _Pending:
         self.seq_id.append(sequences if ids is None else ids)
         if len(self.moments) > _MAX_CHUNKS:
             self._compact()
+
+    def drop_values(self) -> None:
+        """Stop keeping per-token values; the sketches (present) hold every pending batch."""
+        assert self.sketches is not None, "drop_values() needs the pending sketches"
+        self.keep_values = False
+        self.kl, self.delta_p = [], []
 
     def count_bad_labels(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         """Add the labels outside [0, V) and ≠ ignore_index to the device-side count, and keep
@@ -875,9 +1141,18 @@ class _Pending:
             comoment = merged.comoment(comoment, row[-1], _I_NLL_REF, _I_NLL_QUANT)
             n, mean, m2 = torch.tensor(merged.n, dtype=torch.int64), merged.mean, merged.m2
         out["n"], out["mean"], out["m2"], out["comoment"] = n, mean, m2, comoment
-        for key, chunks in (("kl_values", self.kl), ("delta_p_values", self.delta_p)):
-            values = joined(chunks, torch.float32)
-            out[key] = [*state[key], values[~values.isnan()]]
+        if self.keep_values and not _is_sketch(state):
+            for key, chunks in (("kl_values", self.kl), ("delta_p_values", self.delta_p)):
+                values = joined(chunks, torch.float32)
+                out[key] = [*state[key], values[~values.isnan()]]
+        else:  # into the state's sketches: the pending ones, or the kept values folded in
+            out = _as_sketch(out)
+            for name, chunks in (("kl", self.kl), ("delta_p", self.delta_p)):
+                sketch = out[f"{name}_sketch"] = out[f"{name}_sketch"].clone()
+                if self.sketches is not None:
+                    sketch.merge(self.sketches[name])
+                else:
+                    sketch.update(joined(chunks, torch.float32))  # NaNs are skipped
         seq_n = joined(self.seq_n, torch.int64)
         ids = torch.cat([
             torch.full((i,), -1, dtype=torch.int64) if isinstance(i, int) else i.cpu()
@@ -934,9 +1209,39 @@ def _sequence_covariance(st: State, n: int, mean: list[float]) -> tuple[np.ndarr
     return g / (g - 1) * (resid.T @ resid) / float(n) ** 2, g
 
 
-def _distribution(values: torch.Tensor) -> Distribution:
-    """Max, min and :data:`PERCENTILES` of float32 values (computed in float64)."""
-    return Distribution.of(values, PERCENTILES)
+def _sketches_from(sd: Mapping[str, Any]) -> dict[str, QuantileSketch | None]:
+    """The ``kl_sketch`` / ``delta_p_sketch`` state entries of a state dict: the saved
+    sketches when ``percentile_method`` is 1, else None. Raises ``ValueError`` on a bad value."""
+    method = _as_int(sd.get("percentile_method", 0), "percentile_method")
+    if method not in (0, 1):
+        raise ValueError(f"percentile_method must be 0 (exact) or 1 (sketch), got {method}")
+    out: dict[str, QuantileSketch | None] = {}
+    for name in SKETCHES:
+        prefix = f"{name}_sketch."
+        if method == 0:
+            out[f"{name}_sketch"] = None
+            continue
+        sketch = QuantileSketch.from_state_dict(
+            {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        )
+        if sketch.layout()[:2] != _SKETCH_RANGE[name]:
+            raise ValueError(f"state dict {name} sketch covers {sketch.layout()[:2]}, "
+                             f"expected {_SKETCH_RANGE[name]}")  # fmt: skip
+        out[f"{name}_sketch"] = sketch
+    return out
+
+
+def _distribution(values: torch.Tensor | QuantileSketch) -> Distribution:
+    """Max, min and :data:`PERCENTILES` of float32 values (computed in float64), or their
+    sketch's estimates (max and min exact)."""
+    if isinstance(values, torch.Tensor):
+        return Distribution.of(values, PERCENTILES)
+    estimates = values.quantiles([p / 100.0 for p in PERCENTILES])
+    return Distribution(
+        max=values.max,
+        min=values.min,
+        percentiles={float(p): float(v) for p, v in zip(PERCENTILES, estimates, strict=True)},
+    )
 
 
 def _exp(x: float) -> float:
@@ -944,6 +1249,12 @@ def _exp(x: float) -> float:
         return math.exp(x)
     except OverflowError:
         return math.inf
+
+
+def _absent_bits(absent: tuple[str, ...] | None) -> torch.Tensor:
+    """Bit i set: ``FLOAT_FIELDS[i]`` absent; −1 when not decided yet (no batch)."""
+    bits = -1 if absent is None else sum(1 << FLOAT_FIELDS.index(name) for name in absent)
+    return torch.tensor(bits, dtype=torch.int64)
 
 
 def _as_int(value: torch.Tensor | int | float, name: str) -> int:

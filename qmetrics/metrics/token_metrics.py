@@ -13,7 +13,9 @@ Fields (each shaped like the leading dims of the inputs):
 - ``entropy_ref`` = H(P) = −Σ_i P_i log P_i, ``entropy_quant`` = H(Q), in nats.
 - ``cosine`` = Σ x_i y_i / sqrt(Σ x_i² · Σ y_i²) of the raw logits (0 when a norm is 0).
 - ``mse`` = mean of (x_i − y_i)².
-  ``cosine`` and ``mse`` run over the positions where both logits are finite.
+  ``cosine`` and ``mse`` run over the positions where both logits are finite. Both are None
+  (absent, never 0) when computed from a top-K reference summary, which lacks the raw logits
+  (:mod:`qmetrics.metrics.reference_compare`).
 - ``top1_match`` = argmax(x) == argmax(y) (first index on ties, as ``torch.argmax``).
 - ``topk_match`` = the quant argmax j is among the reference top-k, counting ties in its favour:
   #{i : x_i > x_j} < k.
@@ -41,8 +43,8 @@ class TokenMetrics:
     reverse_kl: torch.Tensor
     entropy_ref: torch.Tensor
     entropy_quant: torch.Tensor
-    cosine: torch.Tensor
-    mse: torch.Tensor
+    cosine: torch.Tensor | None
+    mse: torch.Tensor | None
     top1_match: torch.Tensor
     topk_match: torch.Tensor
     finite: torch.Tensor
@@ -52,6 +54,8 @@ class TokenMetrics:
     nll_quant: torch.Tensor | None = None
     prob_ref: torch.Tensor | None = None
     prob_quant: torch.Tensor | None = None
+    #: True when ``kl``/``reverse_kl`` are lower bounds (a top-K reference summary)
+    kl_lower_bound: bool = False
 
     @property
     def has_labels(self) -> bool:
@@ -76,5 +80,9 @@ class TokenMetrics:
         """The same metrics with the leading dims flattened to one."""
         return TokenMetrics(
             top_k=self.top_k,
-            **{name: t.reshape(-1) for name, t in self.to_dict().items()},
+            kl_lower_bound=self.kl_lower_bound,
+            **(
+                {"cosine": None, "mse": None}  # absent fields stay absent
+                | {name: t.reshape(-1) for name, t in self.to_dict().items()}
+            ),
         )
