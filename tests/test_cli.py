@@ -17,23 +17,17 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from qmetrics.cli import main  # noqa: E402
-from tests.tiny_models import synthetic_text, tiny_llama, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), layers=2, hidden=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(synthetic_text(3000))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "text.txt", 3000)
 
 
 def run(*args: str) -> int:

@@ -63,3 +63,18 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(path, layers: int = 2, hidden: int = 64):
+    """Save :func:`tiny_llama` and :func:`tiny_tokenizer` to ``path`` as a checkpoint folder
+    that ``from_pretrained`` (and the CLI) load; returns ``path``."""
+    tok = tiny_tokenizer()
+    tiny_llama(len(tok), layers=layers, hidden=hidden).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_corpus(path, n_words: int):
+    """Write :func:`synthetic_text` of ``n_words`` words to ``path``; returns ``path``."""
+    path.write_text(synthetic_text(n_words))
+    return path

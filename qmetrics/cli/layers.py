@@ -20,6 +20,7 @@ from qmetrics.cli.common import (
     add_model_pair_args,
     load_model_pair,
     open_corpus,
+    pair_spec,
     print_table,
 )
 from qmetrics.evaluation.corpus import token_batches, tokenize_checked
@@ -78,15 +79,15 @@ def run_layers(args: argparse.Namespace) -> int:
         run_ablation,
         select_modules,
     )
-    from qmetrics.evaluation.rtn_quantize import QuantSpec
     from qmetrics.reports.layers import render_layer_tables, write_layer_reports
 
     _check_args(args)
-    spec = QuantSpec.parse(args.quantize) if args.quantize else None
+    candidate_spec = pair_spec(args)
+    spec = candidate_spec.quantize
     modules = args.modules or ["blocks"]
     dataset = args.dataset or DEFAULT_DATASET
     texts = list(open_corpus(dataset, args.text_field))
-    reference, candidate = load_model_pair(args, spec)
+    reference, candidate = load_model_pair(args, candidate_spec)
     ids = tokenize_checked(texts, reference.tokenizer, [(candidate.name, candidate.tokenizer)],
                            max_tokens=args.max_tokens)  # fmt: skip
     batches = token_batches(ids, args.context_length, args.batch_size)

@@ -25,6 +25,7 @@ from qmetrics.cli.common import (
     add_model_pair_args,
     finish_run,
     load_model_pair,
+    pair_spec,
 )
 from qmetrics.evaluation.tasks import OFFLINE_TASKS
 
@@ -100,16 +101,15 @@ def run_tasks(args: argparse.Namespace) -> int:
         include_paths=[str(p) for p in args.include_path],
     )
 
-    from qmetrics.evaluation.rtn_quantize import QuantSpec
     from qmetrics.evaluation.tasks.comparison import compare_runs
     from qmetrics.evaluation.tasks.runner import check_task_names, evaluate_tasks, task_manager
     from qmetrics.reports.tasks import build_tasks_report, render_task_table, write_task_reports
 
-    spec = QuantSpec.parse(args.quantize) if args.quantize else None
+    candidate_spec = pair_spec(args)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = task_manager(settings)
     check_task_names(manager, names)  # before any model is loaded
-    reference, candidate = load_model_pair(args, spec)
+    reference, candidate = load_model_pair(args, candidate_spec)
     ref_run = evaluate_tasks(reference, settings, manager=manager)
     cand_run = evaluate_tasks(candidate, settings, reference.tokenizer, manager=manager)
     comparisons = compare_runs(ref_run, cand_run, alpha=args.alpha, n_resamples=args.resamples,

@@ -186,15 +186,27 @@ def tokenize_checked(
 class Window:
     """Tokens ``[begin, end)`` run through the model; targets at positions ``≥ score_from``
     (absolute token indices) are scored, each predicted from the tokens before it in the
-    window."""
+    window. ``first_token`` (when not None) is fed at the window's first position instead of
+    ``ids[begin]`` (llama.cpp puts BOS there); that token is never a target of its window."""
 
     begin: int
     end: int
     score_from: int
+    first_token: int | None = None
 
     @property
     def length(self) -> int:
         return self.end - self.begin
+
+    def input_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token ids fed to the model: ``ids[begin:end]``, the first one replaced by
+        ``first_token`` when set (a copy then; ``ids`` is never modified)."""
+        window = ids[self.begin : self.end]
+        if self.first_token is None:
+            return window
+        window = window.clone()
+        window[0] = self.first_token
+        return window
 
     def labels(self, ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Next-token labels for the window's positions (the last position has none)."""
@@ -206,14 +218,37 @@ class Window:
         return labels
 
 
-def make_windows(n_tokens: int, context_length: int, stride: int | None = None) -> list[Window]:
-    """Windows over ``n_tokens`` tokens, as in the transformers perplexity guide.
+#: Scoring modes of :func:`make_windows`: which tokens are fed and which are scored.
+SCORING_MODES = ("transformers", "llama.cpp")
 
-    Non-overlapping by default (``stride = context_length``): each window scores all its tokens
-    but the first. With ``stride < context_length`` windows start every ``stride`` tokens and
-    score only the tokens not scored before, each with up to ``context_length − 1`` tokens of
-    preceding context, so every token after the first is scored exactly once.
+
+def make_windows(
+    n_tokens: int,
+    context_length: int,
+    stride: int | None = None,
+    *,
+    scoring: str = "transformers",
+    bos_id: int | None = None,
+) -> list[Window]:
+    """Windows over ``n_tokens`` tokens.
+
+    ``scoring="transformers"`` (the transformers perplexity guide): non-overlapping by default
+    (``stride = context_length``), each window scoring all its tokens but the first. With
+    ``stride < context_length`` windows start every ``stride`` tokens and score only the tokens
+    not scored before, each with up to ``context_length − 1`` tokens of preceding context, so
+    every token after the first is scored exactly once. ``bos_id`` is not used.
+
+    ``scoring="llama.cpp"`` (``llama-perplexity``, also with ``--kl-divergence``): chunks
+    ``[i·C, (i+1)·C)`` for i < ⌊n_tokens / C⌋ with C = ``context_length`` (a trailing partial
+    chunk is dropped); ``bos_id`` (when not None) replaces each chunk's first token; with
+    first = ⌊C/2⌋ only the targets at ``begin + first + 1 … end − 1`` are scored, i.e. the
+    logits of positions first … C − 2: C − 1 − ⌊C/2⌋ tokens per chunk. ``stride`` must be
+    None or C.
     """
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"scoring must be one of {', '.join(SCORING_MODES)}, got {scoring!r}")
+    if scoring == "llama.cpp":
+        return _llamacpp_chunks(n_tokens, context_length, stride, bos_id)
     if context_length < 2:
         raise ValueError(f"context_length must be ≥ 2, got {context_length}")
     stride = context_length if stride is None else stride
@@ -232,6 +267,32 @@ def make_windows(n_tokens: int, context_length: int, stride: int | None = None) 
         if end == n_tokens:
             break
     return windows
+
+
+def _llamacpp_chunks(
+    n_tokens: int, context_length: int, stride: int | None, bos_id: int | None
+) -> list[Window]:
+    """The chunks of ``scoring="llama.cpp"`` (see :func:`make_windows`)."""
+    if context_length < 3:
+        raise ValueError(
+            f"llama.cpp scoring needs context_length ≥ 3 (it scores the last "
+            f"C − 1 − ⌊C/2⌋ tokens of each chunk), got {context_length}"
+        )
+    if stride is not None and stride != context_length:
+        raise ValueError(
+            f"llama.cpp scoring uses non-overlapping chunks: stride must be unset, got {stride}"
+        )
+    n_chunks = n_tokens // context_length
+    if n_chunks == 0:
+        raise ValueError(
+            f"llama.cpp scoring needs at least one chunk of context_length={context_length} "
+            f"tokens, the corpus has {n_tokens}"
+        )
+    first = context_length // 2
+    return [
+        Window(begin, begin + context_length, score_from=begin + first + 1, first_token=bos_id)
+        for begin in range(0, n_chunks * context_length, context_length)
+    ]
 
 
 def batch_windows(
