@@ -12,8 +12,23 @@ copies).
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+from typing import Any
 
-from benchmarks.harness import peak_rss_growth_mb, subprocess_json
+from qmetrics.evaluation.bench import peak_extra_mib
+
+
+def subprocess_json(child: str, *args: object) -> Any:
+    """Run ``module:function(*args)`` in a fresh Python process (so that its peak RSS is its
+    own) and return what it returns, passed back as JSON."""
+    module, function = child.split(":")
+    code = f"import json; from {module} import {function}; print(json.dumps({function}(*{args!r})))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def child(vocab: int, window: int, batch: int, chunk: int) -> dict:
@@ -37,7 +52,7 @@ def child(vocab: int, window: int, batch: int, chunk: int) -> dict:
     # warm up the code paths on a short corpus, then measure one full batch
     ev.evaluate(ids[: 2 * 64])
     results = []
-    growth = peak_rss_growth_mb(lambda: results.append(ev.evaluate(ids)))
+    growth = peak_extra_mib(lambda: results.append(ev.evaluate(ids)), "cpu")
     return {
         "peak_growth_mb": growth,
         "tokens_scored": results[0].comparisons[cand.name].tokens_scored,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the benchmark table, the kernel's launch-shape sweep and the test suite on
-# the GPU (compiled Triton kernels, not the interpreter), writing everything to OUT_DIR. At most
-# about 8 minutes (each step has a timeout).
+# On a CUDA machine: the benchmark table (`qmetrics bench --device cuda`, the command users
+# run), the kernel's launch-shape sweep and the test suite on the GPU (compiled Triton kernels,
+# not the interpreter), writing everything to OUT_DIR. At most about 7 minutes (each step has a
+# timeout: 180 + 80 + 170 s, plus the install).
 #   bash benchmarks/gpu_check.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
@@ -21,12 +22,17 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$out/device.txt"
-# 1. The acceptance table (qmetrics vs the seed-style and naive baselines, GB/s, % copy
-# bandwidth); each row lands in $out/compare_logits.md as soon as it is measured.
-timeout 150 python3 -m benchmarks.compare_table --out "$out" 2>&1 | tee "$out/bench.txt"
+# 1. The acceptance table: every op (compare, stats, distill) against the eager, seed and
+# torch.compile baselines at N=4096, V in {32000, 128256}, bf16, with GB/s and % of the copy_
+# bandwidth. $out/bench.json is rewritten after every case, so a run cut short keeps them;
+# bench.md is the same table as Markdown.
+timeout 180 python3 -m qmetrics bench --device cuda --dtype bf16 --json "$out/bench.json" \
+  2>&1 | tee "$out/bench.txt"
 bench_rc=${PIPESTATUS[0]}
+python3 -c "import json, sys; from qmetrics.reports.bench import render_markdown as md
+print(md(json.load(open(sys.argv[1]))))" "$out/bench.json" >"$out/bench.md" 2>&1
 # 2. The launch-shape sweep of the fused kernel (tile width x warps), to pick the defaults.
-timeout 120 python3 -m benchmarks.tune_logit_kernel --out "$out" 2>&1 | tee "$out/tune.txt"
+timeout 80 python3 -m benchmarks.tune_logit_kernel --out "$out" 2>&1 | tee "$out/tune.txt"
 tune_rc=${PIPESTATUS[0]}
 # 3. The test suite on the GPU; tests whose extras are missing there (lm-eval, datasets) skip
 # themselves. Last, because compiling every kernel specialization takes most of its time.
@@ -34,7 +40,7 @@ tune_rc=${PIPESTATUS[0]}
 # pytest-xdist is there (it is on the lent machines' image).
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 # --continue-on-collection-errors: a module that fails to import is reported, the rest run.
-QMETRICS_TEST_DEVICE=cuda timeout 200 python3 -m pytest tests -q -p no:cacheprovider $parallel \
+QMETRICS_TEST_DEVICE=cuda timeout 170 python3 -m pytest tests -q -p no:cacheprovider $parallel \
   --continue-on-collection-errors --ignore=tests/test_sm90_compile.py 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 echo "benchmark exit $bench_rc, tuning exit $tune_rc, tests exit $tests_rc" | tee -a "$out/device.txt"
