@@ -1,0 +1,129 @@
+"""CPU path of the per-token output statistics of one logit tensor: torch ops over row chunks,
+same outputs as the Triton kernel (:mod:`qmetrics.kernels.output_stats`).
+
+Per row x (logits over V entries), with m1 ≥ m2 the two largest entries (with multiplicity:
+m2 = m1 on a tie), d_i = x_i − m1, e_i = exp(d_i), s = Σ e, h = Σ e·d:
+
+    lse      = m1 + log s
+    entropy  = −Σ p log p = log s − h/s
+    max_prob = exp(m1 − lse) = 1/s
+    margin   = p1 − p2 = (1 − exp(m2 − m1))/s = −expm1(m2 − m1)/s      (V = 1: m2 = −inf, 1)
+    nll      = lse − x[label] = (m1 − x[label]) + log s
+
+A row holding any NaN or ±inf entry is non-finite: ``finite`` 0 and NaN everywhere else (the
+torch path detects it from Σx, which is finite exactly when every entry is, short of entries
+above 1e33 in magnitude). A label equal to ``ignore_index``, or outside [0, V), gets a NaN NLL
+and is never read.
+
+Layout: ``logits`` is [N, V] or [B, T, V] with last stride 1 and any leading strides
+(``x[:, :-1]``, transposed B/T): never copied. Chunks of rows are views; only a chunk at a time
+is converted to fp32 (inputs of another dtype) and worked on in reused fp32 buffers, so the
+extra memory is O(chunk·V), never [N, V]. No host synchronisation: no ``nonzero``, ``item``
+or data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Rows of the [6, N] fp32 result, in order (``finite`` is 1.0 or 0.0).
+OUTPUTS = ("entropy", "max_prob", "margin", "lse", "nll", "finite")
+# About 1 MiB of fp32 per [chunk, V] buffer: three buffers stay in the last-level cache.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+class _Buffers:
+    """Reused fp32 work buffers [rows, V] for one chunk: ``x`` (input as fp32, when converted),
+    ``d`` (x − m1, then e·d) and ``e`` (exp(d), then d with the maxima masked), ``tie``."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device, convert: bool):
+        f32 = torch.float32
+        self.x = torch.empty(rows, vocab, dtype=f32, device=device) if convert else None
+        self.d = torch.empty(rows, vocab, dtype=f32, device=device)
+        self.e = torch.empty(rows, vocab, dtype=f32, device=device)
+        self.tie = torch.empty(rows, vocab, dtype=torch.bool, device=device)
+
+
+def _chunk_stats(x: torch.Tensor, buf: _Buffers) -> tuple[torch.Tensor, ...]:
+    """(m1 anchor a, log s, entropy, max_prob, margin, finite) of the rows of fp32 ``x`` [r, V]."""
+    r = x.shape[0]
+    m1 = x.amax(dim=-1)
+    finite = torch.isfinite(x.sum(dim=-1))
+    a = torch.where(torch.isfinite(m1), m1, 0.0)  # a finite anchor even for a bad row
+    d = torch.sub(x, a[:, None], out=buf.d[:r])
+    e = torch.exp(d, out=buf.e[:r])
+    s = e.sum(dim=-1)
+    tie = torch.eq(d, 0.0, out=buf.tie[:r])  # the entries equal to m1
+    ties = tie.sum(dim=-1)
+    h = torch.mul(e, d, out=buf.e[:r]).sum(dim=-1)  # Σ e·d (e is not needed after this)
+    d2 = buf.e[:r].copy_(d).masked_fill_(tie, -torch.inf).amax(dim=-1)  # m2 − m1 (no tie)
+    d2 = torch.where(ties > 1, 0.0, d2)
+    log_s = torch.log(s)
+    nan = torch.full_like(s, torch.nan)
+    entropy = torch.where(finite, log_s - h / s, nan)
+    max_prob = torch.where(finite, 1.0 / s, nan)
+    margin = torch.where(finite, -torch.expm1(d2) / s, nan)
+    return a, log_s, entropy, max_prob, margin, finite
+
+
+def _as_3d(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [N, V] or [B, T, V] (last stride 1) as a [B, T, V] view."""
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(f"logits must have a contiguous last dim, got strides {logits.stride()}")
+    logits = logits.detach()
+    return logits.unsqueeze(0) if logits.dim() == 2 else logits
+
+
+def output_stats_torch(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """[6, N] fp32 statistics (rows :data:`OUTPUTS`, formulas in the module docstring) of the
+    N = B·T rows of ``logits`` [N, V] or [B, T, V], in row chunks (views, never copied).
+    ``labels``: N int64 entries on the logits' device, or None (``nll`` row NaN)."""
+    x3 = _as_3d(logits)
+    nb, nt, vocab = x3.shape
+    n = nb * nt
+    dev = x3.device
+    if labels is not None and labels.numel() != n:
+        raise ValueError(f"labels has {labels.numel()} entries for {n} rows of logits")
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    chunk_rows = max(1, min(chunk_rows, nt))
+    out = torch.empty(len(OUTPUTS), nb, nt, dtype=torch.float32, device=dev)
+    anchor = torch.empty(nb, nt, dtype=torch.float32, device=dev)
+    log_sum = torch.empty(nb, nt, dtype=torch.float32, device=dev)
+    buf = _Buffers(chunk_rows, vocab, dev, convert=x3.dtype != torch.float32)
+    for b in range(nb):
+        for start in range(0, nt, chunk_rows):
+            stop = min(nt, start + chunk_rows)
+            x = x3[b, start:stop]
+            if buf.x is not None:
+                x = buf.x[: stop - start].copy_(x)
+            a, log_s, entropy, max_prob, margin, finite = _chunk_stats(x, buf)
+            anchor[b, start:stop], log_sum[b, start:stop] = a, log_s
+            out[0, b, start:stop], out[1, b, start:stop], out[2, b, start:stop] = (
+                entropy,
+                max_prob,
+                margin,
+            )
+            out[5, b, start:stop] = finite
+    out = out.view(len(OUTPUTS), n)
+    anchor, log_sum = anchor.view(n), log_sum.view(n)
+    finite = out[5] > 0
+    out[3] = torch.where(finite, anchor + log_sum, torch.nan)
+    if labels is None:
+        out[4] = torch.nan
+        return out
+    labels = labels.reshape(n)
+    readable = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    safe = torch.where(readable, labels, 0)
+    rows = torch.arange(n, device=dev)
+    x_label = x3[rows // nt, rows % nt, safe].float()
+    out[4] = torch.where(readable & finite, (anchor - x_label) + log_sum, torch.nan)
+    return out

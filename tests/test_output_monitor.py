@@ -1,0 +1,256 @@
+"""``OutputMonitor``: its moments and clustered errors against numpy on the same tokens, rolling
+windows, open requests, non-finite tokens, the drift tests (PSI, KS against scipy, z), the
+profile's JSON round trip, the Hugging Face hook, and the JSON lines / Prometheus exports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qmetrics.metrics.drift import (
+    GRIDS,
+    MonitorProfile,
+    Thresholds,
+    check_window,
+    ks_statistic,
+    population_stability,
+    psi_bins,
+)
+from qmetrics.metrics.output_monitor import OutputMonitor
+from qmetrics.metrics.output_stats import output_stats
+from qmetrics.reports.monitor import monitor_records, prometheus_text, read_jsonl, write_jsonl
+from tests.test_no_sync import no_host_reads
+
+
+def _logits(b: int, t: int, v: int = 64, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # a per-request offset in sharpness makes tokens of one request correlated
+    sharp = 1.0 + torch.rand(b, 1, 1, generator=g) * 2
+    return scale * sharp * torch.randn(b, t, v, generator=g)
+
+
+def _clustered(values: np.ndarray) -> tuple[float, float]:
+    """(mean, clustered se) of [R, T] values, one request per row (float64, by hand)."""
+    n = values.size
+    mean = values.mean()
+    s_c, n_c = values.sum(1), np.full(values.shape[0], values.shape[1])
+    c = values.shape[0]
+    se = math.sqrt(c / (c - 1) * np.sum((s_c - mean * n_c) ** 2)) / n
+    return float(mean), se
+
+
+def test_moments_and_clustered_se_match_numpy() -> None:
+    x = _logits(6, 20)
+    labels = torch.randint(0, 64, (6, 20))
+    mon = OutputMonitor()
+    mon.observe(x[:3], labels[:3])
+    mon.observe(x[3:], labels[3:])
+    summary = mon.summary()
+    ref = output_stats(x, labels)
+    for name in ("entropy", "max_prob", "margin", "nll"):
+        values = getattr(ref, name).double().numpy()
+        mean, se = _clustered(values)
+        st = summary.stats[name]
+        assert st.count == 120 and st.clusters == 6
+        assert st.mean == pytest.approx(mean, rel=1e-6)
+        assert st.se == pytest.approx(se, rel=1e-5)
+        assert st.sd == pytest.approx(values.std(ddof=1), rel=1e-5)
+        assert sum(st.hist) == 120
+
+
+def test_open_requests_are_one_cluster_each() -> None:
+    """Chunks of one request (``continues=True``) form one cluster: the same se as the whole."""
+    x = _logits(4, 30)
+    whole, chunked = OutputMonitor(), OutputMonitor()
+    whole.observe(x)
+    for sl in (slice(0, 7), slice(7, 19), slice(19, 30)):
+        chunked.observe(x[:, sl], continues=True)
+    chunked.end_requests()
+    a, b = whole.summary().stats["entropy"], chunked.summary().stats["entropy"]
+    assert (a.count, a.clusters) == (b.count, b.clusters) == (120, 4)
+    assert a.se == pytest.approx(b.se, rel=1e-9) and a.mean == pytest.approx(b.mean, rel=1e-12)
+
+
+def test_rolling_window_keeps_the_last_tokens() -> None:
+    mon = OutputMonitor(window_tokens=40, buckets=4)
+    for k in range(10):  # 10 requests of 10 tokens, each bucket holds one
+        mon.observe(_logits(1, 10, seed=k))
+    s = mon.summary()
+    assert mon.tokens_total == 100
+    # the current bucket was just cleared: the window is the 3 previous buckets
+    assert (s.first_token, s.tokens) == (70, 30)
+    assert s.stats["entropy"].count == 30
+    direct = torch.cat([output_stats(_logits(1, 10, seed=k)).entropy for k in (7, 8, 9)], 1)
+    assert s.stats["entropy"].mean == pytest.approx(direct.double().mean().item(), rel=1e-6)
+
+
+def test_nonfinite_tokens_are_counted_never_averaged() -> None:
+    x = _logits(2, 10)
+    x[0, 3, 5] = float("nan")
+    x[1, 4, :] = float("inf")
+    mon = OutputMonitor()
+    mon.observe(x)
+    s = mon.summary()
+    assert s.nonfinite == 2 and s.tokens == 20
+    assert s.stats["entropy"].count == 18 and math.isfinite(s.stats["entropy"].mean)
+    assert mon.snapshot()["nonfinite_total"] == 2
+    profile = OutputMonitor()
+    profile.observe(_logits(2, 10, seed=5))
+    alarms = check_window(profile.fit_profile(), s)
+    assert alarms[0].name == "nonfinite_frac" and alarms[0].value == pytest.approx(0.1)
+
+
+def test_observe_makes_no_host_sync() -> None:
+    mon = OutputMonitor(window_tokens=16, buckets=2)
+    x, labels = _logits(2, 5), torch.randint(0, 64, (2, 5))
+    with no_host_reads():
+        for _ in range(3):
+            mon.observe(x, labels)
+            mon.observe(x[:, :2], continues=True)
+            mon.end_requests()
+    assert mon.tokens_total == 3 * 14
+
+
+def test_bad_input() -> None:
+    mon = OutputMonitor()
+    mon.observe(_logits(1, 5))
+    with pytest.raises(ValueError, match="vocab mismatch"):
+        mon.observe(_logits(1, 5, v=65))
+    profile = mon.fit_profile()
+    other = OutputMonitor()
+    other.observe(_logits(1, 5, v=80))
+    with pytest.raises(ValueError, match="vocab mismatch"):
+        other.check(profile)
+    with pytest.raises(ValueError, match="empty window"):
+        OutputMonitor().check(profile)
+    nan_only = OutputMonitor()
+    nan_only.observe(torch.full((1, 3, 64), float("nan")))
+    with pytest.raises(ValueError, match="empty window: 3 tokens observed, 3 of them non-finite"):
+        nan_only.check(profile)
+    with pytest.raises(ValueError, match="window_tokens"):
+        OutputMonitor(window_tokens=0)
+
+
+def test_psi_and_ks_against_direct_formulas() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(3.0, 1.0, 5000), rng.normal(3.3, 1.2, 4000)
+    grid = GRIDS["entropy"]
+    a, b = np.clip(a, grid.lo, grid.hi - 1e-9), np.clip(b, grid.lo, grid.hi - 1e-9)  # end bins
+    ha, hb = np.histogram(a, grid.edges())[0], np.histogram(b, grid.edges())[0]
+    from scipy.stats import ks_2samp
+
+    exact = ks_2samp(a, b).statistic
+    d = ks_statistic(ha, hb)
+    assert d <= exact + 1e-12 and exact - d < 0.01  # exact at the edges, one bin's mass short
+    bounds = psi_bins(ha)
+    assert len(bounds) == 11 and bounds[0] == 0 and bounds[-1] == grid.bins
+    cuts = grid.edges()[bounds]
+    r = np.histogram(a, cuts)[0] / a.size
+    w = np.histogram(b, cuts)[0] / b.size
+    assert population_stability(ha, hb, bounds) == pytest.approx(np.sum((w - r) * np.log(w / r)))
+    assert population_stability(ha, ha, bounds) == 0.0
+
+
+def test_alarms_name_the_statistics_that_drifted() -> None:
+    ref = OutputMonitor()
+    for k in range(40):
+        ref.observe(_logits(1, 32, seed=k))
+    profile = ref.fit_profile()
+    same = OutputMonitor()
+    for k in range(40, 80):
+        same.observe(_logits(1, 32, seed=k))
+    assert same.check(profile) == []
+    sharper = OutputMonitor()  # a sharper model: lower entropy, higher confidence
+    for k in range(40, 80):
+        sharper.observe(_logits(1, 32, seed=k, scale=3.0))
+    alarms = sharper.check(profile)
+    names = {a.name for a in alarms}
+    assert {"mean_shift_entropy", "psi_entropy", "ks_entropy", "mean_shift_max_prob"} <= names
+    entropy = next(a for a in alarms if a.name == "mean_shift_entropy")
+    assert entropy.value < -profile.thresholds.z and entropy.threshold == profile.thresholds.z
+    assert entropy.window == {"first_token": 0, "last_token": 40 * 32 - 1, "tokens": 40 * 32}
+    assert "entropy" in str(entropy) and "tokens 0–1279" in str(entropy)
+    # thresholds raised: no alarm
+    assert sharper.check(profile, Thresholds(z=1e9, psi=1e9, ks=1.0)) == []
+
+
+def test_profile_json_round_trip() -> None:
+    mon = OutputMonitor()
+    mon.observe(_logits(3, 20), torch.randint(0, 64, (3, 20)))
+    profile = mon.fit_profile(tokenizer="sha256:abc", model="m")
+    again = MonitorProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert again == profile
+    bad = profile.to_dict() | {"version": 99}
+    with pytest.raises(ValueError, match="not a qmetrics monitor profile"):
+        MonitorProfile.from_dict(bad)
+
+
+def test_jsonl_round_trip_and_prometheus_parses(tmp_path) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qmetrics.metrics.drift import Alarm, drift_values
+
+    ref = OutputMonitor()
+    ref.observe(_logits(8, 16), torch.randint(0, 64, (8, 16)))
+    profile = ref.fit_profile()
+    mon = OutputMonitor()
+    mon.observe(_logits(8, 16, seed=3, scale=4.0), torch.randint(0, 64, (8, 16)))
+    summary = mon.summary()
+    alarms = check_window(profile, summary)
+    values = drift_values(profile, summary)
+    assert alarms
+    records = monitor_records(mon.snapshot(), alarms, values)
+    back = read_jsonl(write_jsonl(records, tmp_path / "m.jsonl"))
+    assert back == json.loads(json.dumps(records))
+    assert [Alarm.from_dict(r) for r in back[1:]] == alarms
+    text = prometheus_text(summary, mon.snapshot(), values, alarms)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["qmetrics_monitor_tokens"].samples[0].value == 128
+    means = {s.labels["statistic"]: s.value for s in families["qmetrics_monitor_mean"].samples}
+    assert means["entropy"] == pytest.approx(summary.stats["entropy"].mean)
+    hist = families["qmetrics_monitor_distribution"]
+    count = [s for s in hist.samples if s.name.endswith("_count")]
+    assert {s.labels["statistic"]: s.value for s in count}["entropy"] == 128
+    fired = {
+        (s.labels["statistic"], s.labels["test"])
+        for s in families["qmetrics_monitor_alarm"].samples
+    }
+    assert fired == {(a.statistic, a.test) for a in alarms}
+
+
+@pytest.mark.slow
+def test_attach_observes_generate_and_scoring_calls() -> None:
+    pytest.importorskip("transformers")
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(96)
+    mon = OutputMonitor()
+    handle = mon.attach(model)
+    ids = torch.randint(3, 96, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    s = mon.summary()
+    assert s.tokens == 2 * 8 and s.stats["nll"].count == 16 and s.stats["entropy"].clusters == 2
+    direct = model(input_ids=ids).logits[:, :-1]
+    want = output_stats(direct, ids[:, 1:]).nll.double().mean().item()
+    assert s.stats["nll"].mean == pytest.approx(want, rel=1e-5)
+
+    mon.reset()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             pad_token_id=0)  # fmt: skip
+    assert out.shape == (2, 14)
+    s = mon.summary()
+    # one last-position row per step and batch row; the two requests closed by generate()
+    assert s.tokens == 2 * 5 and s.stats["entropy"].clusters == 2
+    assert "nll" not in s.stats
+    handle.remove()
+    mon.reset()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert mon.tokens_total == 0 and "generate" not in model.__dict__

@@ -1,0 +1,238 @@
+"""``output_stats``: both backends against a float64 reference (odd V, bf16/fp16/fp32, strided
+views, NaN/±inf entries, ties, labels), no host sync, no copies, and the kernel's sm_90
+compile without spills."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmetrics.metrics.output_stats import output_stats
+from tests.conftest import HAS_TRITON
+from tests.test_no_sync import no_host_reads, unguarded
+
+BACKENDS = ["torch", "triton"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_stats(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int = -100):
+    """float64 entropy, max_prob, margin, lse, nll, finite of ``logits`` [..., V] (direct
+    softmax; a row with any NaN/±inf entry is non-finite and NaN)."""
+    x = logits.double()
+    finite = torch.isfinite(x).all(-1)
+    x = torch.where(finite[..., None], x, torch.zeros((), dtype=x.dtype))
+    lse = torch.logsumexp(x, -1)
+    logp = x - lse[..., None]
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    sorted_p = p.sort(-1, descending=True).values
+    p1 = sorted_p[..., 0]
+    p2 = sorted_p[..., 1] if x.shape[-1] > 1 else torch.zeros_like(p1)
+    nan = torch.full_like(lse, torch.nan)
+    out = {
+        "entropy": torch.where(finite, entropy, nan),
+        "max_prob": torch.where(finite, p1, nan),
+        "margin": torch.where(finite, p1 - p2, nan),
+        "lse": torch.where(finite, lse, nan),
+        "finite": finite,
+    }
+    if labels is not None:
+        ok = (labels != ignore_index) & (labels >= 0) & (labels < x.shape[-1])
+        picked = x.gather(-1, torch.where(ok, labels, 0)[..., None]).squeeze(-1)
+        out["nll"] = torch.where(ok & finite, lse - picked, nan)
+    return out
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def assert_matches(got, ref, dtype: torch.dtype, scale: float = 1.0) -> None:
+    assert torch.equal(got.finite, ref["finite"])
+    for name in ("entropy", "max_prob", "margin", "lse", "nll"):
+        if name not in ref:
+            continue
+        value = getattr(got, name)
+        assert value is not None and value.dtype == torch.float32, name
+        want = ref[name]
+        assert torch.equal(value.isnan(), want.isnan()), name
+        tol = TOL[dtype] * (scale if name in ("lse", "nll") else 1.0)
+        torch.testing.assert_close(value.double(), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=name)  # fmt: skip
+
+
+def _inputs(shape, dtype, seed=0, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (spread * torch.randn(*shape, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 2, 301])
+def test_matches_float64_reference(backend: str, dtype: torch.dtype, vocab: int) -> None:
+    x = _inputs((3, 5, vocab), dtype)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, vocab, (3, 5), generator=g)
+    labels[0, 0], labels[1, 1], labels[2, 2] = -100, vocab, -7  # ignored and out of range
+    got = output_stats(x, labels, backend=backend)
+    ref = reference_stats(x, labels)
+    assert_matches(got, ref, dtype, scale=4.0)
+    assert torch.isnan(got.nll[0, 0]) and torch.isnan(got.nll[1, 1]) and torch.isnan(got.nll[2, 2])
+    if vocab == 1:
+        assert torch.all(got.max_prob == 1) and torch.all(got.margin == 1)
+        assert torch.all(got.entropy.abs() < 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_are_read_in_place(backend: str) -> None:
+    x = _inputs((4, 7, 513), torch.float32, seed=2)
+    views = {
+        "drop_last_position": x[:, :-1],
+        "transposed": x.transpose(0, 1),
+        "misaligned": x[..., 1:],
+        "every_other_row": x[:, ::2],
+    }
+    for name, view in views.items():
+        got = output_stats(view, backend=backend)
+        assert_matches(got, reference_stats(view, None), torch.float32, scale=4.0)
+        assert got.entropy.shape == view.shape[:-1], name
+
+
+def test_torch_backend_copies_no_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No [N, V] copy of a strided fp32 view: ``contiguous``/``clone`` are never called and the
+    largest tensor allocated is a chunk (here: V = 64, far fewer rows per chunk than N)."""
+    import qmetrics.kernels.output_stats_torch as twin
+
+    x = _inputs((2, 400, 64), torch.float32)[:, :-1]
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copy"))
+    monkeypatch.setattr(torch.Tensor, "clone", lambda *a, **k: pytest.fail("copy"))
+    out = twin.output_stats_torch(x, None, chunk_rows=16)
+    assert out.shape == (6, 2 * 399)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_entries_flag_the_token(backend: str) -> None:
+    x = _inputs((6, 50), torch.float32, seed=3)
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    x[2, 5] = float("-inf")
+    x[3, :] = float("-inf")
+    labels = torch.arange(6)
+    got = output_stats(x, labels, backend=backend)
+    assert got.finite.tolist() == [False, False, False, False, True, True]
+    for name, value in got.to_dict().items():
+        if name != "finite":
+            assert torch.isnan(value[:4]).all() and torch.isfinite(value[4:]).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_for_the_top(backend: str) -> None:
+    x = torch.zeros(3, 37)
+    x[0, 5] = x[0, 30] = 4.0  # two-way tie for the top: margin 0
+    x[1, 2] = 4.0  # a single top: margin = (e^4 − 1)/s
+    # row 2: all equal: max_prob 1/V, margin 0, entropy log V
+    got = output_stats(x, backend=backend)
+    ref = reference_stats(x, None)
+    assert got.margin[0] == 0.0 and got.margin[2] == 0.0
+    assert_matches(got, ref, torch.float32)
+    torch.testing.assert_close(got.entropy[2].double(), torch.tensor(37.0).log().double())
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_tiles_and_online_rescaling() -> None:
+    """Several tiles per row (block_v 16 < V), the maximum moving from tile to tile, a tie
+    split across tiles, very negative logits (the anchor far below 0)."""
+    from qmetrics.kernels.output_stats import output_stats_triton
+
+    x = _inputs((4, 101), torch.float32, seed=4)
+    x[0] += torch.linspace(-20, 20, 101)  # the maximum moves in every tile
+    x[1, 3] = x[1, 90] = 30.0  # a tie across tiles
+    x[2] -= 500.0
+    labels = torch.tensor([1, 3, 100, -100])
+    raw = output_stats_triton(x, labels, block_v=16)
+    ref = reference_stats(x, labels)
+    for k, name in enumerate(("entropy", "max_prob", "margin", "lse", "nll")):
+        torch.testing.assert_close(raw[k].double(), ref[name], rtol=1e-5, atol=1e-4,
+                                   equal_nan=True, msg=name)  # fmt: skip
+    assert raw[2, 1] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _inputs((2, 4, 50), torch.float32)
+    labels = torch.randint(0, 50, (2, 4))
+    with no_host_reads() as lifted:
+        if backend == "triton":  # the interpreter copies storages to the host itself
+            import qmetrics.kernels.output_stats as kernel
+
+            monkeypatch.setattr(kernel, "output_stats_triton",
+                                unguarded(kernel.output_stats_triton, lifted))  # fmt: skip
+        out = output_stats(x, labels, backend=backend)
+    assert out.entropy.shape == (2, 4)
+
+
+def test_bad_input_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        output_stats(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="empty input"):
+        output_stats(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="labels shape"):
+        output_stats(torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend"):
+        output_stats(torch.zeros(2, 3), backend="cuda")
+
+
+def _ptxas_available() -> bool:
+    if not HAS_TRITON:
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton with its bundled ptxas is needed")
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90_without_spills() -> None:
+    """Compiled ahead of time for sm_90 with ``benchmarks/sass_report.py``'s machinery (bf16 and
+    fp32, with labels, aligned specialization): no local-memory spill anywhere."""
+    script = textwrap.dedent(
+        """
+        import re, subprocess, sys, tempfile
+        from pathlib import Path
+        import triton
+        import qmetrics.kernels.output_stats as k
+        from benchmarks.sass_report import Variant, compile_variant
+        bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        for dtype in ("bf16", "fp32"):
+            types = {"x_ptr": "*" + dtype, "x_sb": "i64", "x_st": "i64", "label_ptr": "*i64",
+                     "out_ptr": "*fp32", "N": "i32", "T": "i32", "V": "i32",
+                     "ignore_index": "i32"}
+            v = Variant("output_stats " + dtype, k._output_stats_kernel, types,
+                        {"HAS_LABELS": True, "BLOCK_V": 4096}, 8)
+            compiled = compile_variant(v)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"]); f.flush()
+                usage = subprocess.run([bin_dir / "cuobjdump", "--dump-resource-usage", f.name],
+                                       capture_output=True, text=True, check=True).stdout
+                sass = subprocess.run([bin_dir / "cuobjdump", "--dump-sass", f.name],
+                                      capture_output=True, text=True, check=True).stdout
+            m = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:(\\d+) LOCAL:(\\d+)", usage)
+            spills = len(re.findall(r"\\b(LDL|STL)\\b", sass))
+            print(dtype, "regs", m.group(1), "stack", m.group(2), "local", m.group(4),
+                  "LDL/STL", spills)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert len(lines) == 2, out
+    for cells in lines:
+        assert cells[4] == "0" and cells[6] == "0" and cells[8] == "0", out
