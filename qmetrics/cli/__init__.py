@@ -1,6 +1,7 @@
 """``qmetrics`` command line: ``compare`` (reference vs candidates over a corpus), ``demo``
 (the offline demo), ``layers`` (per-layer error and sensitivity ablation) and ``tasks``
-(lm-evaluation-harness tasks, compared item by item).
+(lm-evaluation-harness tasks, compared item by item), ``bench`` (kernel throughput) and
+``reference save`` (a reference model's outputs kept for later compares).
 
 This module builds the root parser and dispatches; each command lives in its own module
 (:mod:`.compare`, :mod:`.demo`, :mod:`.layers`, :mod:`.tasks`) and what they share in
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qmetrics.cli import compare, demo, layers, tasks
+from qmetrics.cli import bench, compare, demo, layers, monitor, reference, tasks
 from qmetrics.cli.common import EXIT_USAGE, UsageError, error_message
 from qmetrics.evaluation.corpus import CorpusError
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_demo_parser(sub)
     layers.add_layers_parser(sub)
     tasks.add_tasks_parser(sub)
+    bench.add_bench_parser(sub)
+    reference.add_reference_parser(sub)
+    monitor.add_monitor_parser(sub)
     return parser
 
 
@@ -40,7 +44,14 @@ def _run(args: argparse.Namespace) -> int:
         return layers.run_layers(args)
     if args.command == "tasks":
         return tasks.run_tasks(args)
-    if args.command == "demo" or not args.reference:  # compare without --reference: the demo
+    if args.command == "bench":
+        return bench.run_bench_command(args)
+    if args.command == "reference":
+        return reference.run_reference(args)
+    if args.command == "monitor":
+        return monitor.run_monitor(args)
+    if args.command == "demo" or not (args.reference or args.reference_store):
+        # compare without --reference (or --reference-store): the demo
         args = demo.demo_args(args)
     return compare.run_compare(args)
 
