@@ -85,11 +85,11 @@ def test_cpu_defaults_are_announced_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_bench", fake_run)
     assert main(["bench", "--device", "cpu"]) == 0
     s = seen["settings"]
-    assert (s.tokens, s.vocabs, s.dtypes) == ((192,), (32000,), ("fp32",))
-    assert (s.ops, s.baselines, s.repeat, s.top_k) == (
-        ("compare", "stats", "distill"), ("eager", "seed", "compile"), 20, 5)  # fmt: skip
+    assert (s.tokens, s.vocabs, s.dtypes) == ((160,), (32000,), ("fp32",))
+    assert s.baselines == ("eager", "seed")
+    assert (s.ops, s.repeat, s.top_k) == (("compare", "stats", "distill"), 20, 5)
     notes = [line for line in capsys.readouterr().out.splitlines() if "CPU run" in line]
-    assert len(notes) == 1 and "N=192, V=32000, fp32" in notes[0], notes
+    assert len(notes) == 1 and "N=160, V=32000, fp32" in notes[0], notes
 
 
 @pytest.mark.parametrize(
