@@ -15,38 +15,11 @@ import torch
 
 from qmetrics.metrics.output_stats import output_stats
 from tests.conftest import HAS_TRITON
+from tests.float64_reference import reference_output_stats as reference_stats
 from tests.test_no_sync import no_host_reads, unguarded
 
 BACKENDS = ["torch", "triton"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def reference_stats(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int = -100):
-    """float64 entropy, max_prob, margin, lse, nll, finite of ``logits`` [..., V] (direct
-    softmax; a row with any NaN/±inf entry is non-finite and NaN)."""
-    x = logits.double()
-    finite = torch.isfinite(x).all(-1)
-    x = torch.where(finite[..., None], x, torch.zeros((), dtype=x.dtype))
-    lse = torch.logsumexp(x, -1)
-    logp = x - lse[..., None]
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)
-    sorted_p = p.sort(-1, descending=True).values
-    p1 = sorted_p[..., 0]
-    p2 = sorted_p[..., 1] if x.shape[-1] > 1 else torch.zeros_like(p1)
-    nan = torch.full_like(lse, torch.nan)
-    out = {
-        "entropy": torch.where(finite, entropy, nan),
-        "max_prob": torch.where(finite, p1, nan),
-        "margin": torch.where(finite, p1 - p2, nan),
-        "lse": torch.where(finite, lse, nan),
-        "finite": finite,
-    }
-    if labels is not None:
-        ok = (labels != ignore_index) & (labels >= 0) & (labels < x.shape[-1])
-        picked = x.gather(-1, torch.where(ok, labels, 0)[..., None]).squeeze(-1)
-        out["nll"] = torch.where(ok & finite, lse - picked, nan)
-    return out
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
