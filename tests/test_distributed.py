@@ -166,3 +166,26 @@ def test_two_process_gloo_run_equals_one_process(model_dir, tmp_path):
             (two / "checkpoint" / f"rank-{rank}-of-2" / "checkpoint.json").read_text()
         )
         assert meta["batches_done"] == batches
+
+
+@pytest.mark.slow
+def test_two_process_reference_save_equals_one_process(model_dir, tmp_path):
+    """``torchrun -m qmetrics reference save``: each rank writes its own shards, rank 0 the
+    manifest; the store is byte-identical to a single-process save."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(synthetic_text(1500))
+    args = ["reference", "save", "--reference", str(model_dir), "--dataset", str(corpus),
+            "--context-length", "32", "--batch-size", "2", "--max-tokens", "420",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "qmetrics", *args, "--output", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reference store: ") == 1  # rank 0 alone prints
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert sum(name.startswith("shard-") for name in one) >= 4  # both ranks wrote shards
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

@@ -26,6 +26,7 @@ from qmetrics.cli.common import (
     add_window_args,
     load_models,
     open_corpus,
+    torchrun_ranks,
 )
 from qmetrics.evaluation.corpus import SCORING_MODES
 
@@ -67,23 +68,25 @@ def run_reference(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     dataset = args.dataset or DEFAULT_DATASET
     texts = open_corpus(dataset, args.text_field)
-    reference, _ = load_models(args)
-    store = save_reference_store(
-        reference,
-        texts,
-        args.output,
-        mode=mode,
-        context_length=context,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        scoring=args.scoring,
-        logit_chunk_tokens=args.logit_chunk,
-        dataset=dataset,
-        progress=not args.no_progress,
-    )
-    for line in size_lines(store):
-        print(line)
+    with torchrun_ranks(args) as rank:  # under torchrun each rank writes its own shards
+        reference, _ = load_models(args)
+        store = save_reference_store(
+            reference,
+            texts,
+            args.output,
+            mode=mode,
+            context_length=context,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            scoring=args.scoring,
+            logit_chunk_tokens=args.logit_chunk,
+            dataset=dataset,
+            progress=not args.no_progress,
+        )
+    if rank == 0:
+        for line in size_lines(store):
+            print(line)
     return 0
 
 

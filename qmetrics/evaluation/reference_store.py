@@ -53,6 +53,7 @@ from qmetrics.evaluation.corpus import (
     make_windows,
     tokenize_checked,
 )
+from qmetrics.evaluation.distributed import all_gather_objects, rank_and_world
 from qmetrics.evaluation.logit_source import LogitSource
 from qmetrics.evaluation.models import ModelEntry, as_entry
 from qmetrics.evaluation.progress import progress_bar
@@ -320,21 +321,28 @@ def save_reference_store(
         for entry_new, entry_old in zip(shards, old.get("shards", []), strict=False):
             if entry_old.get("file") == entry_new["file"] and entry_old.get("sha256"):
                 entry_new.update(bytes=entry_old.get("bytes"), sha256=entry_old["sha256"])
+    rank, world = rank_and_world()
     tokens_path = out / TOKENS
-    if not tokens_path.exists() or _stored_ids_hash(tokens_path) != tokens["sha256"]:
-        if int(ids.max()) >= 2**31 or int(ids.min()) < 0:
-            raise ValueError("token ids must lie in [0, 2^31) to be stored")
-        _save_tensors_atomically(tokens_path, {"ids": ids.to(torch.int32)}, {"run_id": run_id})
     manifest_path = out / MANIFEST
-    _write_json_atomically(manifest_path, manifest)
+    if rank == 0:
+        if not tokens_path.exists() or _stored_ids_hash(tokens_path) != tokens["sha256"]:
+            if int(ids.max()) >= 2**31 or int(ids.min()) < 0:
+                raise ValueError("token ids must lie in [0, 2^31) to be stored")
+            _save_tensors_atomically(tokens_path, {"ids": ids.to(torch.int32)}, {"run_id": run_id})
+        _write_json_atomically(manifest_path, manifest)
+    all_gather_objects(None)  # under torchrun: the other ranks wait for the manifest
 
+    # Under torchrun rank r writes shards r, r + N, ...: each is renamed into place only when
+    # complete, so a shard file of this run found at its final path is a finished one (the
+    # manifest, written by rank 0 alone, records the shards at the end).
+    mine = [i for i in range(len(batches)) if i % world == rank]
     source = LogitSource(entry.model, logit_chunk_tokens)
-    bar = progress_bar(progress, total=len(batches), initial=0)
+    bar = progress_bar(progress and rank == 0, total=len(mine), initial=0)
     try:
-        for i, batch in enumerate(batches):
-            shard = shards[i]
+        for i in mine:
+            batch, shard = batches[i], shards[i]
             path = out / shard["file"]
-            if shard["sha256"] and path.exists() and _file_sha256(path) == shard["sha256"]:
+            if _finished_shard(path, shard, run_id, sharded=world > 1):
                 if bar is not None:
                     bar.update(1)
                 continue  # finished by an earlier (killed) save of this run
@@ -347,7 +355,8 @@ def save_reference_store(
             meta = {"run_id": run_id}
             _save_tensors_atomically(path, tensors, meta)
             shard.update(bytes=path.stat().st_size, sha256=_file_sha256(path))
-            _write_json_atomically(manifest_path, manifest)
+            if world == 1:
+                _write_json_atomically(manifest_path, manifest)
             if bar is not None:
                 bar.update(1)
             if on_shard is not None:
@@ -355,9 +364,41 @@ def save_reference_store(
     finally:
         if bar is not None:
             bar.close()
-    manifest["complete"] = True
-    _write_json_atomically(manifest_path, manifest)
+    done = {i: (shards[i]["bytes"], shards[i]["sha256"]) for i in mine}
+    parts = all_gather_objects((done, manifest["store"]["vocab_size"]))
+    if rank == 0:
+        for part, vocab in parts:
+            for i, (size, digest) in part.items():
+                shards[i].update(bytes=size, sha256=digest)
+            if vocab is not None:
+                manifest["store"]["vocab_size"] = vocab
+        manifest["complete"] = True
+        _write_json_atomically(manifest_path, manifest)
+    all_gather_objects(None)  # every rank returns the complete store
     return ReferenceStore.open(out)
+
+
+def _finished_shard(path: Path, shard: dict[str, Any], run_id: str, sharded: bool) -> bool:
+    """Whether ``path`` holds this run's finished shard: its hash is the manifest's, or (under
+    torchrun, where the manifest records shards only at the end) it is a shard file of this
+    run at its final path, which only a completed atomic write puts there. Fills in the
+    shard's size and hash."""
+    if not path.exists():
+        return False
+    if shard["sha256"] and _file_sha256(path) == shard["sha256"]:
+        return True
+    if not sharded:
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("run_id") != run_id:
+                return False
+    except Exception:  # noqa: BLE001 - an unreadable file is not a finished shard
+        return False
+    shard.update(bytes=path.stat().st_size, sha256=_file_sha256(path))
+    return True
 
 
 def _read_existing_manifest(out: Path, run_id: str) -> dict[str, Any] | None:
