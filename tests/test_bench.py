@@ -87,7 +87,7 @@ def test_cpu_defaults_are_announced_in_one_line(monkeypatch, capsys):
     s = seen["settings"]
     assert (s.tokens, s.vocabs, s.dtypes) == ((160,), (32000,), ("fp32",))
     assert s.baselines == ("eager", "seed")
-    assert (s.ops, s.repeat, s.top_k) == (("compare", "stats", "distill"), 20, 5)
+    assert (s.ops, s.repeat, s.top_k) == (("compare", "stats", "distill"), 10, 5)
     notes = [line for line in capsys.readouterr().out.splitlines() if "CPU run" in line]
     assert len(notes) == 1 and "N=160, V=32000, fp32" in notes[0], notes
 

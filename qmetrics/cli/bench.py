@@ -12,8 +12,9 @@ from typing import Any
 from qmetrics.cli.common import EXIT_OK, UsageError
 
 CPU_NOTE = (
-    "CPU run: small default shapes N={tokens}, V={vocab}, {dtype} and baselines {baselines} "
-    "(under a minute on 2 quiet cores); --tokens/--vocab/--dtype choose others, "
+    "CPU run: small defaults N={tokens}, V={vocab}, {dtype}, baselines {baselines}, "
+    "{repeat} rounds (about a minute on 2 quiet cores); --tokens/--vocab/--dtype/--repeat "
+    "choose others, "
     "--baselines eager,seed,compile adds torch.compile (10-30 s of compiling per case)."
 )
 
@@ -50,7 +51,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "on the CPU, where compiling the baseline takes longer than the whole default run)",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--repeat", type=int, default=20, help="timed rounds per case")
+    p.add_argument(
+        "--repeat", type=int, help="timed rounds per case (default 20 on CUDA, 10 on the CPU)"
+    )
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")  # fmt: skip
     return p
 
@@ -97,7 +100,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         device=device,
         top_k=args.top_k,
         labels=args.labels,
-        repeat=args.repeat,
+        repeat=args.repeat if args.repeat is not None else defaults["repeat"],
     )
     settings.check()
     if args.json and Path(args.json).is_dir():
@@ -108,6 +111,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             "vocab": vocabs,
             "dtype": dtypes,
             "baselines": settings.baselines,
+            "repeat": (settings.repeat,),
         }
         print(CPU_NOTE.format(**{k: ",".join(map(str, v)) for k, v in shape.items()}))
 

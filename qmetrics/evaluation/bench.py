@@ -112,12 +112,12 @@ HIDDEN = 256
 #: Defaults: on CUDA the issue's sweep with every baseline; on the CPU 160 tokens of a 32k
 #: vocabulary: 5.1M logits, above the 4M from which qmetrics' CPU compare takes its
 #: torch.compile'd pass (what real evaluation chunks get), without the compile baseline (its
-#: compiling alone takes longer than the rest), so that a default run (4 cases × up to 4
-#: providers × 22 calls) stays under a minute on 2 quiet cores.
+#: compiling alone takes longer than the rest) and with 10 rounds, so that a default run (4 cases
+#: × up to 4 providers × 12 calls) stays near a minute on 2 quiet cores.
 CUDA_DEFAULTS = {"tokens": (4096,), "vocabs": (32000, 128256), "dtypes": ("bf16", "fp32"),
-                 "baselines": ("eager", "seed", "compile")}  # fmt: skip
+                 "baselines": ("eager", "seed", "compile"), "repeat": 20}  # fmt: skip
 CPU_DEFAULTS = {"tokens": (160,), "vocabs": (32000,), "dtypes": ("fp32",),
-                "baselines": ("eager", "seed")}  # fmt: skip
+                "baselines": ("eager", "seed"), "repeat": 10}  # fmt: skip
 _L2_FLUSH_BYTES = 256 << 20
 #: fp32 [N, V] planes the eager baselines hold at their peak (log-softmax copies, products,
 #: gradients): the memory check's allowance, on the high side.
