@@ -2,25 +2,34 @@
 
 The inputs are read in place through their batch and sequence strides (``x[:, :-1]``,
 transposed B/T, ``x[..., 1:]``): never copied. For each row, with reference logits x, quantized
-logits y, exp anchors c_x, c_y (the maxima of the first sub-tile) and a fixed shift
-c0 = (c_x, c_x + μ0), μ0 = Σ w (y − x) / Σ w over that sub-tile (the P-weighted mean difference,
-or c_y − c_x within 1e-4 of it), so that t is small and centred where the probability mass is:
+logits y, exp anchors c_x, c_y (the maxima of the first sub-tile) and a fixed shift μ0 =
+Σ w (y − x) / Σ w over that sub-tile (the P-weighted mean difference, or c_y − c_x within 1e-4
+of it), so that t is small where the probability mass is:
 
-    w_i = exp(x_i − c_x)   v_i = exp(y_i − c_y)   t_i = (y_i − c0_y) − (x_i − c0_x)
+    w_i = exp(x_i − c_x)   v_i = exp(y_i − c_y)   t_i = y_i − x_i − μ0   (so v = w e^t e^κ)
+    φ(t) = expm1(t) − t = t²/2 + t³/6 + … ≥ 0     ψ(t) = t expm1(t) − φ(t) = t²/2 + t³/3 + … ≥ 0
     s_x = Σ w   s_y = Σ v   h_x = Σ w (x − c_x)   h_y = Σ v (y − c_y)
-    U = Σ w expm1(t)   A = Σ w t   B = Σ v t
-    KL(P‖Q) = log1p(U/s_x) − A/s_x          (small terms only: exact down to KL ~ 1e-8)
-    KL(Q‖P) = log1p(U_r/s_y) + B/s_y,  U_r = Σ v expm1(−t) = −exp(κ) U
-    κ = (c_x − c0_x) − (c_y − c0_y)
+    D = Σ w φ(t)   A = Σ w t   E = Σ w t expm1(t)   B = Σ v t   U = Σ w expm1(t) = A + D
+    u = U/s_x   u_r = −U/(s_x + U)   κ = c_x − c_y + μ0   λ(u) = log1p(u) − u
+    KL(P‖Q) = D/s_x + λ(u)              KL(Q‖P) = (E − D)/(s_x + U) + λ(u_r)
     H(P) = log s_x − h_x/s_x,   H(Q) = log s_y − h_y/s_y
 
-When |U/s_x| ≥ 1/2 or U overflows (logits far apart), KL is large and is taken from the
-log-sum-exps directly: KL(P‖Q) = −κ + log s_y − log s_x − A/s_x. Cosine and MSE come from Σx²,
-Σy², Σ(y−x)² (Σxy = (Σx² + Σy² − Σ(y−x)²)/2). The quant argmax j is in the reference top-k iff
-x_j ≥ the k-th largest x (with multiplicity), kept in a small register buffer. expm1 is a
-degree-6 polynomial for |t| < ln2/4, so KL and reverse KL stay within 3e-6 relative of float64
-for KL ≥ 1e-4 at V up to 256k with fp32 inputs (tests/test_triton_layout.py). A label that is
-neither ignore_index nor in [0, V) is never read: its NLL and probability are NaN.
+D and E − D = Σ w ψ(t) are sums of non-negative terms, each to fp32 rounding (φ and
+t expm1(t) come from one polynomial without their linear term), and λ(u) ≈ −u²/2 is formed in
+float64, where the rounding of U (and A) enters only multiplied by u: no O(|t|) terms cancel
+into the O(t²) result. The old form log1p(U/s_x) − A/s_x lost |E_P t|/KL of the fp32 digits
+of U and A (issue 10). t is formed from the anchored exponents (_log2_frame), so a large
+offset between ref and quant costs no digits. When |u| ≥ 1/2, a sum overflows (logits far
+apart) or the w-sums miss some of Q (s_y e^−κ ≠ s_x + U: w underflowed where v did not), KL is
+large and is taken from the log-sum-exps directly: KL(P‖Q) = −κ + log s_y − log s_x − A/s_x,
+KL(Q‖P) = κ + log s_x − log s_y + B/s_y; the fast kernel then reads the row a second time for
+B (elsewhere B = e^κ (A + E)), so its main loop does not carry B. Cosine and MSE come from
+Σx², Σy², Σ(y−x)² (Σxy = (Σx² + Σy² − Σ(y−x)²)/2). The quant argmax j is in the reference
+top-k iff x_j ≥ the k-th largest x (with multiplicity), kept in a small register buffer. KL and
+reverse KL stay within 3e-6 relative of float64 for KL ≥ 1e-4 at V up to 256k with fp32 inputs
+(tests/test_precision.py; under the interpreter ≤ 7e-7 at V = 50257, ≤ 1.6e-6 at V = 256000).
+A label that is neither ignore_index nor in [0, V) is never read: its NLL and probability are
+NaN. A row of V = 1 has KL = H = 0 exactly (P = Q = 1).
 
 Three kernels:
 
@@ -35,7 +44,7 @@ Three kernels:
   the loop from the tile where each tile row's maximum first appeared. A row that does not
   start on a 16-byte boundary (V % 8 ≠ 0, ``x[..., 1:]``) peels a masked head of < VEC
   elements, so the body keeps 16-byte loads. NaN or ±inf make Σx² or Σy² non-finite: such
-  rows are flagged and left to ``_general_kernel``. On sm_90 the hot path costs 34–35 SASS
+  rows are flagged and left to ``_general_kernel``. On sm_90 the hot path costs 35–36 SASS
   instructions per logit, plus ~1 (top_k = 1) to ~4 (top_k = 5) for the top-k branch on iid
   logits (``benchmarks/sass_report.py``; launched with ``maxnreg`` = 168: 3 blocks of 4 warps
   per SM).
@@ -63,9 +72,10 @@ OUTPUTS = (
 NUM_OUTPUTS = len(OUTPUTS)
 # Float fields of a partial (per split) state, in order; two int32 argmax indices go apart.
 STATE = (
-    "m_x", "s_xb", "s_xo", "h_x", "m_y", "s_yb", "s_yo", "h_y", "c_x", "c_y", "c_set",
-    "u", "a", "b", "xy", "xx", "yy", "dd", "n_both", "n_bad", "n_fwd_inf", "n_rev_inf",
+    "m_x", "s_xb", "s_xo", "h_x", "m_y", "s_yb", "s_yo", "h_y", "r_x", "r_y", "c_set",
+    "d", "a", "b", "xy", "xx", "yy", "dd", "n_both", "n_bad", "n_fwd_inf", "n_rev_inf",
     "ax_val", "ay_val", "x_at_ay",
+    "e",
 )  # fmt: skip
 NUM_STATE = len(STATE)
 
@@ -73,6 +83,13 @@ _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+_NLOG2E = tl.constexpr(-1.4426950408889634)
+# ln 2 × fp32(log2 e): the fast kernel's exponent 2**(x·fp32(log2 e) − c₂) is e**(x·_XSCALE − c)
+# with c = c₂ ln 2 (1 + 3e-8 rather than 1: what its label NLLs scale x by)
+_XSCALE = tl.constexpr(0.6931471805599453 * torch.tensor(1.4426950408889634).item())
+# _phi2 blends its two branches instead of selecting under Triton < 3.7, whose ptxas spills the
+# select's predicates to registers in the main loop (+2 SASS per logit; the blend costs 1).
+_BLEND = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7))
 # The fast kernel moves its exp anchors when a tile's maximum exceeds them by more than this
 # (nats): w = exp(x − c) ≤ e^4, and the entropy sums keep full fp32 precision.
 _REANCHOR = tl.constexpr(4.0)
@@ -92,6 +109,33 @@ def _expm1(t):
     p = 1.0 + t * (1.0 / 2.0) * p
     p = t * p
     return tl.where(tl.abs(t) < 0.25, p, tl.exp(t) - 1.0)
+
+
+@triton.jit
+def _phi(t):
+    """φ(t) = expm1(t) − t = t²/2 + t³/6 + … ≥ 0 (fp32 or fp64) without cancellation: Taylor
+    polynomial to t⁹ for |t| < 1/4 (truncation < 4e-10 relative), exp(t) − 1 − t elsewhere."""
+    p = 1.0 + t * (1.0 / 8.0) * (1.0 + t * (1.0 / 9.0))
+    p = 1.0 + t * (1.0 / 7.0) * p
+    p = 1.0 + t * (1.0 / 6.0) * p
+    p = 1.0 + t * (1.0 / 5.0) * p
+    p = 1.0 + t * (1.0 / 4.0) * p
+    p = 1.0 + t * (1.0 / 3.0) * p
+    p = (t * t) * 0.5 * p
+    return tl.where(tl.abs(t) < 0.25, p, (tl.exp(t) - 1.0) - t)
+
+
+@triton.jit
+def _log1p_minus(u):
+    """log(1 + u) − u in float64 (≈ −u²/2): its series to u⁹ for |u| < 1/64, else directly."""
+    p = -1.0 / 8.0 + u * (1.0 / 9.0)
+    p = 1.0 / 7.0 + u * p
+    p = -1.0 / 6.0 + u * p
+    p = 1.0 / 5.0 + u * p
+    p = -1.0 / 4.0 + u * p
+    p = 1.0 / 3.0 + u * p
+    p = -0.5 + u * p
+    return tl.where(tl.abs(u) < 1.0 / 64.0, u * u * p, tl.log(1.0 + u) - u)
 
 
 @triton.jit
@@ -125,13 +169,29 @@ def _kth_largest_insert(top, lanes_k, vals, cand, lanes):
 
 
 @triton.jit
+def _small_regime(sxb, syb, d, a, e, kappa):
+    """Whether KL comes from the small-term form (float64 inputs, nats): |U/s_x| < 1/2 with
+    U = A + D, D, A and E finite, and the w-sums hold all of Q's mass: s_y e^−κ = s_x + U
+    (= Σ w e^t) to 1e-4 — not so where w underflowed while v did not (logits ~90 nats apart),
+    which the log-sum-exp form (with B = Σ v t) handles."""
+    u = a + d
+    ratio = u / sxb
+    s_q = sxb + u
+    agree = tl.abs(syb * tl.exp(-kappa) - s_q) <= 1e-4 * s_q
+    return (ratio == ratio) & (tl.abs(ratio) < 0.5) & (tl.abs(e) < _POS_INF) & agree
+
+
+@triton.jit
 def _finalize(
     out_ptr, N, V, row, ref_row, quant_row, label_ptr, ignore_index,
-    m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd, n_both,
+    m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, mu, d, a, b, e, xy, xx, yy, dd, n_both,
     n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth,
-    HAS_LABELS: tl.constexpr,
+    HAS_LABELS: tl.constexpr, X_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Turn one row's merged state into the outputs (float64 scalar math) and store them.
+    ``m_x``, ``m_y``: the exp anchors (nats) of w = exp(x·X_SCALE − m_x), v = exp(y·X_SCALE − m_y).
+    ``mu``: the shift of t = y − x − μ; ``d``, ``a``, ``e``, ``b``: Σ w φ(t), Σ w t,
+    Σ w t expm1(t), Σ v t over the positions where both logits are finite (nats).
     A label outside [0, V) that is not ``ignore_index`` is never read: its NLL and probability
     are NaN."""
     f64 = tl.float64
@@ -142,20 +202,32 @@ def _finalize(
     sxb, sxo, syb, syo = s_xb.to(f64), s_xo.to(f64), s_yb.to(f64), s_yo.to(f64)
     sx, sy = sxb + sxo, syb + syo
     log_sx, log_sy = tl.log(sx), tl.log(sy)
-    # κ = m_x − m_y + c with c = c_y − c_x, from differences of nearby numbers (exact in fp64)
-    kappa = (anc_x - c_x.to(f64)) - (anc_y - c_y.to(f64))
-    u64, a64, b64 = u.to(f64), a.to(f64), b.to(f64)
+    # v = w e^t e^κ: κ = m_x − m_y + μ (differences of fp32 numbers: exact in fp64)
+    kappa = (anc_x - anc_y) + mu.to(f64)
+    d64, a64, b64, e64 = d.to(f64), a.to(f64), b.to(f64), e.to(f64)
+    # U = Σ w expm1(t) = A + D, u = U/s: KL(P‖Q) = D/s + (log1p(u) − u); with Σ w e^t = s + U
+    # and u_r = −U/(s + U): KL(Q‖P) = (E − D)/(s + U) + (log1p(u_r) − u_r) (E − D = Σ w ψ(t),
+    # ψ(t) = 1 − e^t + t e^t ≥ 0). D, E and E − D are sums of non-negative terms and A enters
+    # only through u, so no O(|t|) terms cancel into an O(t²) result.
+    u64 = a64 + d64
     ratio = u64 / sxb
-    small = (ratio == ratio) & (tl.abs(ratio) < 0.5)
-    kl_small = tl.log(1.0 + ratio) + tl.log(1.0 + syo / syb) - a64 / sxb
+    small = _small_regime(sxb, syb, d64, a64, e64, kappa)
+    kl_small = d64 / sxb + _log1p_minus(ratio) + tl.log(1.0 + syo / syb)
     kl_lse = -kappa + log_sy - log_sx - a64 / sxb
     kl = tl.where(n_fwd_inf > 0, _POS_INF, tl.where(small, kl_small, kl_lse))
-    u_rev = -tl.exp(kappa) * u64
-    rkl_small = tl.log(1.0 + u_rev / syb) + tl.log(1.0 + sxo / sxb) + b64 / syb
+    s_q = sxb + tl.where(small, u64, 0.0)
+    ratio_r = -u64 / s_q
+    rkl_small = (e64 - d64) / s_q + _log1p_minus(ratio_r) + tl.log(1.0 + sxo / sxb)
     rkl_lse = kappa + log_sx - log_sy + b64 / syb
     rkl = tl.where(n_rev_inf > 0, _POS_INF, tl.where(small, rkl_small, rkl_lse))
     ent_x = log_sx - h_x.to(f64) / sx
     ent_y = log_sy - h_y.to(f64) / sy
+    # one token: P = Q = 1, whatever the rounding of the anchors in the exponents
+    one = V == 1
+    kl = tl.where(one & (n_fwd_inf == 0), 0.0, kl)
+    rkl = tl.where(one & (n_rev_inf == 0), 0.0, rkl)
+    ent_x = tl.where(one, 0.0, ent_x)
+    ent_y = tl.where(one, 0.0, ent_y)
     denom = tl.sqrt(xx.to(f64) * yy.to(f64))
     cosine = tl.where(denom > 0, xy.to(f64) / tl.where(denom > 0, denom, 1.0), 0.0)
     cosine = tl.minimum(tl.maximum(cosine, -1.0), 1.0)
@@ -179,8 +251,8 @@ def _finalize(
         safe = tl.where(scored, label, 0)
         x_t = tl.load(ref_row + safe).to(f64)
         y_t = tl.load(quant_row + safe).to(f64)
-        nll_x = (anc_x - x_t) + log_sx
-        nll_y = (anc_y - y_t) + log_sy
+        nll_x = (anc_x - x_t * X_SCALE) + log_sx
+        nll_y = (anc_y - y_t * X_SCALE) + log_sy
         keep = finite & scored
         tl.store(o + 9 * N, tl.where(keep, nll_x, nan).to(tl.float32))
         tl.store(o + 10 * N, tl.where(keep, nll_y, nan).to(tl.float32))
@@ -201,18 +273,27 @@ def _exp2(z, PTX: tl.constexpr):
 
 
 @triton.jit
-def _exp2m1(t2, PTX: tl.constexpr):
-    """2**t2 − 1 in fp32: Taylor polynomial of degree 6 in t2·ln 2 for |t2| < 1/4 (relative
-    error < 1e-8), 2**t2 − 1 elsewhere. Past |t2| = 1/4, e^t − 1 − t (what KL keeps of it) is
-    ≥ 0.014, so the ~1e-7 absolute error of 2**t2 costs < 1e-5 of a term, at random sign;
-    the degree-4 polynomial up to 1/16 it replaces cost 1e-5 of KL at V = 50257 (issue 10)."""
-    p = t2 * 1.5403530393381606e-4 + 1.3333558146428441e-3  # (ln 2)^n / n!, n = 6, 5
-    p = p * t2 + 9.618129107628477e-3
-    p = p * t2 + 5.5504108664821576e-2
-    p = p * t2 + 0.2402265069591007
-    p = p * t2 + 0.6931471805599453
-    p = p * t2
-    return tl.where(tl.abs(t2) < 0.25, p, _exp2(t2, PTX) - 1.0)
+def _phi2(t2, PTX: tl.constexpr):
+    """For t = t2·ln 2: φ(t)/ln 2 and t·expm1(t)/ln²2 in fp32, each to fp32 rounding (no
+    linear term to cancel), from φ(t) = expm1(t) − t and t·expm1(t) = t (t + φ(t)). For
+    |t2| < 1/4, φ/ln 2 = t2² Σ_{n=2..6} (ln 2)^(n−1) t2^(n−2)/n! (truncation < 7e-8 relative);
+    elsewhere (2**t2 − 1)/ln 2 − t2, where φ(t) ≥ 0.014 and the ~1e-7 error of 2**t2 costs
+    < 1e-5 of a term, at random sign. A select becomes a predicated FMA whose predicate lives
+    across the exponential's latency; Triton 3.6's ptxas then spills predicates to registers
+    (+2 SASS per logit), so there (_BLEND) the two are blended with a 0/1 factor instead
+    (+1), which within 1/4 adds ≲ 1e-14 absolute (the rounding of the unused branch)."""
+    t2sq = t2 * t2
+    p = t2 * 2.222259691071407e-4 + 1.9236258215256953e-3  # (ln 2)^(n−1)/n!, n = 6, 5
+    p = p * t2 + 1.3876027166205394e-2
+    p = p * t2 + 8.007550231970023e-2
+    p = p * t2 + 0.34657359027997264
+    big = (_exp2(t2, PTX) - 1.0) * 1.4426950408889634 - t2
+    if _BLEND:
+        on_poly = (t2sq < 0.0625).to(tl.float32)
+        phi = big + on_poly * (t2sq * p - big)
+    else:
+        phi = tl.where(t2sq < 0.0625, t2sq * p, big)
+    return phi, t2 * phi + t2sq
 
 
 @triton.jit
@@ -343,9 +424,37 @@ def _load_sub(ref_row, quant_row, offs, v_lo, v_stop, MASKED: tl.constexpr, PTX:
 
 
 @triton.jit
+def _log2_frame(c_x, c_y, r_x, r_y):
+    """The fast kernel's exponents and t in log2 units: z_x = x·log2 e + ncx (one rounding,
+    ncx = −c_x·log2 e), likewise z_y, and t·log2 e = z_y − z_x + k2 = (y − x)·log2 e − (r_x − r_y)
+    with k2 = (ncx − r_x) − (ncy − r_y): differences of nearby numbers (the anchors and their
+    first values r_x, r_y + (r_x − r_y)), so t keeps one shift while the anchors move, and
+    carries no rounding of y − x (which loses digits when ref and quant are far apart)."""
+    ncx = c_x * _NLOG2E
+    ncy = c_y * _NLOG2E
+    return ncx, ncy, (ncx - r_x) - (ncy - r_y)
+
+
+@triton.jit
+def _sum_vt(ref_row, quant_row, lane, v_lo, v_stop, ncx, ncy, k2, SUB: tl.constexpr,
+            PTX: tl.constexpr):  # fmt: skip
+    """B = Σ v t (nats) over [v_lo, v_stop), rereading the row: only rows whose KL is taken
+    from the log-sum-exps need it, so the main loop does not carry it."""
+    acc = tl.zeros([lane.shape[0]], tl.float32)
+    for start in range(v_lo, v_stop, SUB):
+        x, y, valid = _load_sub(ref_row, quant_row, start + lane, v_lo, v_stop, True, PTX)
+        zx = tl.fma(x, _LOG2E, ncx)
+        zy = tl.fma(y, _LOG2E, ncy)
+        v = tl.where(valid, _exp2(zy, PTX), 0.0)
+        t2 = tl.where(valid, (zy - zx) + k2, 0.0)
+        acc = _fma_row(acc, v, t2)
+    return tl.sum(acc.to(tl.float64), axis=0) * _LN2
+
+
+@triton.jit
 def _fast_step(
-    ref_row, quant_row, start, lane, v_lo, v_stop, lanes_t, top, thr, slot, c0_x, c0_y, c_x, c_y,
-    m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+    ref_row, quant_row, start, lane, v_lo, v_stop, lanes_t, top, thr, slot, r_x, r_y, c_x, c_y,
+    m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by,
     MASKED: tl.constexpr, PTX: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
 ):  # fmt: skip
     """Fold one tile — G sub-tiles [ROWS, VEC] of SUB = ROWS·VEC logits, a tile row's VEC
@@ -353,11 +462,12 @@ def _fast_step(
 
     The exponentials use the program-wide anchors (c_x, c_y), moved up (and the sums rescaled)
     only when a tile's maximum exceeds them by more than _REANCHOR, so no sum overflows and
-    h = Σ w (x − c) never cancels badly; t keeps the fixed shift c0. That check and the top-k
-    update share one cross-thread reduction per tile: a bit per sub-tile holding a value above
-    the k-th largest so far (only those sub-tiles are reread for the top-k buffer), and one
-    bit per anchor to move (only then are the tile maxima reduced across threads). z, h, a
-    and b are in log2 units (× log2 e). The second pass reloads the sub-tiles: the compiler
+    h = Σ w (x − c) never cancels badly; t = y − x − μ does not depend on them. That check
+    and the top-k update share one cross-thread reduction per tile: a bit per sub-tile holding
+    a value above the k-th largest so far (only those sub-tiles are reread for the top-k
+    buffer), and one bit per anchor to move (only then are the tile maxima reduced across
+    threads). z = x·log2 e − c·log2 e, h, a, b and dw = Σ w φ(t) are in log2 units (× log2 e),
+    ew = Σ w t expm1(t) in their square. The second pass reloads the sub-tiles: the compiler
     reuses the first loads' registers."""
     tmx = tl.zeros_like(m_x) + _NEG_INF
     tmy = tmx
@@ -384,53 +494,51 @@ def _fast_step(
             big_x = tl.max(tmx, axis=0)
             big_y = tl.max(tmy, axis=0)
             if big_x > c_x + _REANCHOR:
-                shift2 = (c_x - big_x) * _LOG2E
+                shift2 = big_x * _NLOG2E - c_x * _NLOG2E  # the log2 anchors' difference
                 f = _exp2(shift2, PTX)
                 h_x = f * (h_x + s_x * shift2)
                 s_x *= f
-                u *= f
+                dw *= f
                 a *= f
+                ew *= f
                 c_x = big_x
             if big_y > c_y + _REANCHOR:
-                shift2 = (c_y - big_y) * _LOG2E
+                shift2 = big_y * _NLOG2E - c_y * _NLOG2E
                 f = _exp2(shift2, PTX)
                 h_y = f * (h_y + s_y * shift2)
                 s_y *= f
-                b *= f
                 c_y = big_y
         for g in tl.static_range(G):
             if (rare >> g) & 1:  # a sub-tile whose maximum is at or below thr is skipped
                 offs = start + g * SUB + lane
                 x, _, valid = _load_sub(ref_row, quant_row, offs, v_lo, v_stop, MASKED, PTX)
                 top, thr, slot = _topk_insert_tile(top, lanes_t, x, valid, thr, slot, MASKED)
-    # t·log2 e with t = (y − c0_y) − (x − c0_x), from z and the anchors' offsets from c0
-    k2 = ((c_y - c0_y) - (c_x - c0_x)) * _LOG2E
+    ncx, ncy, k2 = _log2_frame(c_x, c_y, r_x, r_y)
     for g in tl.static_range(G):
         x, y, valid = _load_sub(ref_row, quant_row, start + g * SUB + lane, v_lo, v_stop,
                                 MASKED, PTX)  # fmt: skip
-        # x − c first (exact for nearby values), then the log2 scaling: z = (x − c)·log2 e
-        zx = (x - c_x) * _LOG2E
-        zy = (y - c_y) * _LOG2E
+        d = y - x  # masked lanes: 0 − 0
+        xx = _fma_row(xx, x, x)
+        yy = _fma_row(yy, y, y)
+        dd = _fma_row(dd, d, d)
+        zx = tl.fma(x, _LOG2E, ncx)
+        zy = tl.fma(y, _LOG2E, ncy)
         w = _exp2(zx, PTX)
         v = _exp2(zy, PTX)
         t2 = (zy - zx) + k2
-        if MASKED:  # masked lanes read 0: t2 there is (c0_x − c0_y)·log2 e, which may overflow
+        if MASKED:  # masked lanes: t2 = k2 + (ncy − ncx), which may overflow
             w = tl.where(valid, w, 0.0)
             v = tl.where(valid, v, 0.0)
             t2 = tl.where(valid, t2, 0.0)
-        e = _exp2m1(t2, PTX)
-        d = y - x  # masked lanes: 0 − 0
         h_x = _fma_row(h_x, w, zx)
         h_y = _fma_row(h_y, v, zy)
         s_x += _row_sum(w)
         s_y += _row_sum(v)
-        u = _fma_row(u, w, e)
         a = _fma_row(a, w, t2)
-        b = _fma_row(b, v, t2)
-        xx = _fma_row(xx, x, x)
-        yy = _fma_row(yy, y, y)
-        dd = _fma_row(dd, d, d)
-    return top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by
+        phi, te = _phi2(t2, PTX)
+        dw = _fma_row(dw, w, phi)
+        ew = _fma_row(ew, w, te)
+    return top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by
 
 
 @triton.jit
@@ -518,10 +626,9 @@ def _fast_kernel(
     lanes_t = tl.arange(0, TK)
     f32 = tl.float32
 
-    # The exp anchors (c_x, c_y): the maxima of the first sub-tile. The shift c0 of
-    # t = (y − c0_y) − (x − c0_x): c0_x = c_x and c0_y = c_x + μ0, μ0 = Σ w (y − x) / Σ w over
-    # that sub-tile (w = exp(x − c_x)), so t is small and centred where the probability mass
-    # is: Σ w t and Σ w expm1(t) then stay small and KL = log1p(U/s) − A/s does not cancel.
+    # The exp anchors (c_x, c_y): the maxima of the first sub-tile. The shift μ of
+    # t = y − x − μ: μ0 = Σ w (y − x) / Σ w over that sub-tile (w = exp(x − c_x)), so that t is
+    # small where the probability mass is (φ(t) and t expm1(t) stay on their polynomial).
     first = v_lo + lane
     first_ok = first < v_stop
     x0 = tl.load(ref_body + first, mask=first_ok, other=_NEG_INF).to(f32)
@@ -535,12 +642,12 @@ def _fast_kernel(
     w0 = tl.where(both0, tl.exp(x0 - c_x), 0.0)
     sw0 = tl.sum(_row_sum(w0), axis=0)
     mu0 = tl.sum(_row_sum(w0 * (tl.where(both0, y0, c_x) - x0)), axis=0) / sw0
-    # within 1e-4 of the maxima's difference, that difference is kept: t is then exactly 0
-    # for a shifted copy (and V = 1), so KL is exactly 0 there
+    # within 1e-4 of the maxima's difference (a shifted copy, V = 1), that difference is kept
     near = tl.abs(mu0 - (c_y - c_x)) < 1e-4
     use_mu = (sw0 > 0) & (tl.abs(mu0) < _POS_INF) & ~near
-    c0_x = c_x
-    c0_y = tl.where(use_mu, c_x + mu0, c_y)
+    # t·log2 e = (y − x)·log2 e − (r_x − r_y): r_x = −c_x·log2 e, r_y = r_x − μ·log2 e
+    r_x = c_x * _NLOG2E
+    r_y = r_x - tl.where(use_mu, mu0, c_y - c_x) * _LOG2E
 
     r0 = tl.zeros([ROWS], f32)
     m_x = r0 + _NEG_INF
@@ -549,9 +656,9 @@ def _fast_kernel(
     s_y = r0
     h_x = r0
     h_y = r0
-    u = r0
+    dw = r0
     a = r0
-    b = r0
+    ew = r0
     xx = r0
     yy = r0
     dd = r0
@@ -566,34 +673,33 @@ def _fast_kernel(
 
     if ALIGN_X > 0:  # noqa: SIM102 (a compile-time gate around a runtime branch)
         if v_lo < 0:  # the head: one masked sub-tile ending at the body's start
-            top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
-                _fast_step(
-                    ref_body, quant_body, -VEC, lane, v_lo, 0, lanes_t, top, thr, slot, c0_x, c0_y,
-                    c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by, True,
-                    PTX, 1, SUB,
-                )
+            (top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx,
+             by) = _fast_step(
+                ref_body, quant_body, -VEC, lane, v_lo, 0, lanes_t, top, thr, slot, r_x, r_y,
+                c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by,
+                True, PTX, 1, SUB,
             )  # fmt: skip
     n_full = tl.maximum(v_stop - v_start, 0) // BLOCK
     full_stop = v_start + n_full * BLOCK
     for start in range(v_start, full_stop, BLOCK):
-        top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+        top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by = (
             _fast_step(
-                ref_body, quant_body, start, lane, start, v_stop, lanes_t, top, thr, slot, c0_x,
-                c0_y, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+                ref_body, quant_body, start, lane, start, v_stop, lanes_t, top, thr, slot, r_x,
+                r_y, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by,
                 False, PTX, G, SUB,
             )
         )  # fmt: skip
     if full_stop < v_stop:
-        top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by = (
+        top, thr, slot, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by = (
             _fast_step(
                 ref_body, quant_body, full_stop, lane, full_stop, v_stop, lanes_t, top, thr, slot,
-                c0_x, c0_y, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, u, a, b, xx, yy, dd, bx, by,
+                r_x, r_y, c_x, c_y, m_x, m_y, s_x, s_y, h_x, h_y, dw, a, ew, xx, yy, dd, bx, by,
                 True, PTX, G, SUB,
             )
         )  # fmt: skip
 
-    # Sums anchored at c: S = Σ w, H = Σ w (x − c) (nats), U, A = Σ w t (nats), B = Σ v t;
-    # the per-thread partial sums are added in float64.
+    # Sums anchored at c: S = Σ w, H = Σ w (x − c), D = Σ w φ(t), A = Σ w t,
+    # E = Σ w t expm1(t) (nats); the per-thread partial sums are added in float64.
     f64 = tl.float64
     mx_all = tl.max(m_x, axis=0)
     my_all = tl.max(m_y, axis=0)
@@ -601,9 +707,9 @@ def _fast_kernel(
     sy_all = tl.sum(s_y.to(f64), axis=0)
     hx_all = tl.sum(h_x.to(f64), axis=0) * _LN2
     hy_all = tl.sum(h_y.to(f64), axis=0) * _LN2
-    u_all = tl.sum(u.to(f64), axis=0)
+    d_all = tl.sum(dw.to(f64), axis=0) * _LN2
     a_all = tl.sum(a.to(f64), axis=0) * _LN2
-    b_all = tl.sum(b.to(f64), axis=0) * _LN2
+    e_all = tl.sum(ew.to(f64), axis=0) * (_LN2 * _LN2)
     xx_all = tl.sum(xx.to(f64), axis=0)
     yy_all = tl.sum(yy.to(f64), axis=0)
     dd_all = tl.sum(dd.to(f64), axis=0)
@@ -611,6 +717,18 @@ def _fast_kernel(
     # NaN or ±inf anywhere makes Σx² or Σy² non-finite: such rows go to the general kernel.
     ok = (tl.abs(xx_all + yy_all) < _POS_INF) & (mx_all > _NEG_INF) & (my_all > _NEG_INF)
     n_here = (tl.maximum(v_stop, v_lo) - v_lo).to(f32)
+    # the anchors (nats) and the shift of t = y − x − μ, exactly as the exponents used them
+    ncx, ncy, k2 = _log2_frame(c_x, c_y, r_x, r_y)
+    anc_x = ncx.to(f64) * -_LN2
+    anc_y = ncy.to(f64) * -_LN2
+    mu = (r_x.to(f64) - r_y.to(f64)) * _LN2
+    kappa = (anc_x - anc_y) + mu
+    # B = Σ v t, for the log-sum-exp form only: from the w-sums (Σ v t = e^κ (A + E)) where
+    # they hold Q, else from a second read of the row (rare: logits far apart)
+    if ok & ~_small_regime(sx_all, sy_all, d_all, a_all, e_all, kappa):
+        b_all = _sum_vt(ref_body, quant_body, lane, v_lo, v_stop, ncx, ncy, k2, SUB, PTX)
+    else:
+        b_all = tl.exp(kappa) * (a_all + e_all)
     ax_idx = _first_index_of_max(ref_body, bx, m_x, mx_all, lane, v_lo, v_stop, G, SUB)
     ay_idx = _first_index_of_max(quant_body, by, m_y, my_all, lane, v_lo, v_stop, G, SUB)
     x_at_ay = tl.load(ref_body + ay_idx, mask=ay_idx < v_stop, other=_NEG_INF).to(f32)
@@ -621,27 +739,27 @@ def _fast_kernel(
         if ok:
             _finalize(
                 out_ptr, N, V, row, ref_row, quant_row, label_ptr, ignore_index,
-                c_x, sx_all, zero, hx_all, c_y, sy_all, zero, hy_all, c0_x, c0_y,
-                u_all, a_all, b_all, xy_all, xx_all, yy_all, dd_all, n_here,
-                zero, zero, zero, ax_idx, ay_idx, x_at_ay, thr, HAS_LABELS,
+                anc_x, sx_all, zero, hx_all, anc_y, sy_all, zero, hy_all, mu,
+                d_all, a_all, b_all, e_all, xy_all, xx_all, yy_all, dd_all, n_here,
+                zero, zero, zero, ax_idx, ay_idx, x_at_ay, thr, HAS_LABELS, _XSCALE,
             )  # fmt: skip
         else:
             tl.store(flag_ptr + row, 1)
     else:
         sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
         # (order: STATE)
-        tl.store(sp + 0, c_x)  # the anchor of the sums
+        tl.store(sp + 0, -ncx)  # the anchor of the sums (× log2 e)
         tl.store(sp + 1, sx_all.to(f32))
         tl.store(sp + 2, zero)
         tl.store(sp + 3, hx_all.to(f32))
-        tl.store(sp + 4, c_y)
+        tl.store(sp + 4, -ncy)
         tl.store(sp + 5, sy_all.to(f32))
         tl.store(sp + 6, zero)
         tl.store(sp + 7, hy_all.to(f32))
-        tl.store(sp + 8, c0_x)  # the shift of t
-        tl.store(sp + 9, c0_y)
+        tl.store(sp + 8, r_x)  # the shift of t: (r_x − r_y)/log2 e
+        tl.store(sp + 9, r_y)
         tl.store(sp + 10, zero + 1.0)
-        tl.store(sp + 11, u_all.to(f32))
+        tl.store(sp + 11, d_all.to(f32))
         tl.store(sp + 12, a_all.to(f32))
         tl.store(sp + 13, b_all.to(f32))
         tl.store(sp + 14, xy_all.to(f32))
@@ -655,6 +773,7 @@ def _fast_kernel(
         tl.store(sp + 22, mx_all)
         tl.store(sp + 23, my_all)
         tl.store(sp + 24, x_at_ay)
+        tl.store(sp + 25, e_all.to(f32))
         ip = index_ptr + (row64 * SPLITS + split) * 2
         tl.store(ip, ax_idx)
         tl.store(ip + 1, ay_idx)
@@ -708,8 +827,9 @@ def _general_row(
     s_yo = lane0
     h_x = lane0
     h_y = lane0
-    u = lane0
+    dw = lane0  # Σ w φ(t)
     a = lane0
+    ew = lane0  # Σ w t expm1(t)
     b = lane0
     xy = lane0
     xx = lane0
@@ -780,16 +900,17 @@ def _general_row(
         xf = tl.where(both, x, 0.0)
         yf = tl.where(both, y, 0.0)
         t = tl.where(both, (yf - c_y) - (xf - c_x), 0.0)
-        e = _expm1(t)
+        phi = _phi(t)
         s_xb = alpha_x * s_xb + tl.where(both, w, 0.0)
         s_xo = alpha_x * s_xo + tl.where(only_x, w, 0.0)
         s_yb = alpha_y * s_yb + tl.where(both, v, 0.0)
         s_yo = alpha_y * s_yo + tl.where(only_y, v, 0.0)
         h_x += w * zx
         h_y += v * zy
-        # w·expm1(t) may overflow (inf) for logits ~90 apart; finalize then uses the lse form.
-        u = alpha_x * u + tl.where(w > 0, w * e, 0.0)
+        # w·φ(t) may overflow (inf) for logits ~90 apart; finalize then uses the lse form.
+        dw = alpha_x * dw + tl.where(w > 0, w * phi, 0.0)
         a = alpha_x * a + w * t
+        ew = alpha_x * ew + tl.where(w > 0, w * (t * (t + phi)), 0.0)
         b = alpha_y * b + v * t
 
         df = yf - xf
@@ -808,8 +929,9 @@ def _general_row(
     s_yo = tl.sum(s_yo, axis=0)
     h_x = tl.sum(h_x, axis=0)
     h_y = tl.sum(h_y, axis=0)
-    u = tl.sum(u, axis=0)
+    dw = tl.sum(dw, axis=0)
     a = tl.sum(a, axis=0)
+    ew = tl.sum(ew, axis=0)
     b = tl.sum(b, axis=0)
     xy = tl.sum(xy, axis=0)
     xx = tl.sum(xx, axis=0)
@@ -821,8 +943,9 @@ def _general_row(
     n_rev_inf = tl.sum(n_rev_inf, axis=0)
     _finalize(
         out_ptr, N, V, row, ref_row, quant_row, label_ptr, ignore_index,
-        m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
-        n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+        m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_y.to(tl.float64) - c_x.to(tl.float64),
+        dw, a, b, ew, xy, xx, yy, dd, n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx,
+        x_at_ay, kth, HAS_LABELS, 1.0,
     )  # fmt: skip
 
 
@@ -842,8 +965,8 @@ def _merge_splits_kernel(
     KP: tl.constexpr,
     SPLITS_P2: tl.constexpr,  # power of two ≥ SPLITS
 ):  # fmt: skip
-    """Merge the partial states of a row's splits, in float64 (re-expressing U, A and B under
-    a common shift would otherwise cost ~1e-6 of a small KL), and finalize the row."""
+    """Merge the partial states of a row's splits, in float64 (re-expressing D, A, E and B
+    under a common shift), and finalize the row."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     f64 = tl.float64
@@ -856,11 +979,11 @@ def _merge_splits_kernel(
     s_yo = zero
     h_x = zero
     h_y = zero
-    c_x = zero
-    c_y = zero
+    mu = zero
     c_set = zero
-    u = zero
+    dw = zero
     a = zero
+    ew = zero
     b = zero
     xy = zero
     xx = zero
@@ -878,18 +1001,18 @@ def _merge_splits_kernel(
     for split in range(SPLITS):
         sp = state_ptr + (row64 * SPLITS + split) * NUM_STATE_
         # (order: STATE)
-        b_m_x = tl.load(sp + 0).to(f64)
+        b_m_x = tl.load(sp + 0).to(f64) * _LN2  # the split's anchors (nats)
         b_s_xb = tl.load(sp + 1).to(f64)
         b_s_xo = tl.load(sp + 2).to(f64)
         b_h_x = tl.load(sp + 3).to(f64)
-        b_m_y = tl.load(sp + 4).to(f64)
+        b_m_y = tl.load(sp + 4).to(f64) * _LN2
         b_s_yb = tl.load(sp + 5).to(f64)
         b_s_yo = tl.load(sp + 6).to(f64)
         b_h_y = tl.load(sp + 7).to(f64)
-        b_c_x = tl.load(sp + 8).to(f64)
-        b_c_y = tl.load(sp + 9).to(f64)
+        b_mu = (tl.load(sp + 8).to(f64) - tl.load(sp + 9).to(f64)) * _LN2  # t = y − x − μ
+        b_e = tl.load(sp + 25).to(f64)
         b_c_set = tl.load(sp + 10).to(f64)
-        b_u = tl.load(sp + 11).to(f64)
+        b_d = tl.load(sp + 11).to(f64)
         b_a = tl.load(sp + 12).to(f64)
         b_b = tl.load(sp + 13).to(f64)
         b_xy = tl.load(sp + 14).to(f64)
@@ -913,13 +1036,18 @@ def _merge_splits_kernel(
         ay_val = tl.where(take_y, b_ay_val, ay_val)
 
         # Re-express this split's sums with the common shift (the first one set): with
-        # δ = c_split − c its t' gives t = t' + δ, so U = e^δ U' + s expm1(δ), A = A' + s δ.
+        # δ = μ_split − μ its t' gives t = t' + δ, so (U' = A' + D')
+        #   D = e^δ D' + expm1(δ) A' + s φ(δ),   A = A' + s δ,   B = B' + s_y δ,
+        #   E = e^δ (E' + δ U') + expm1(δ) (A' + δ s):
+        # the rounding of A' and U' enters D and E only multiplied by δ.
         set_now = (c_set == 0) & (b_c_set != 0)
-        c_x = tl.where(set_now, b_c_x, c_x)
-        c_y = tl.where(set_now, b_c_y, c_y)
+        mu = tl.where(set_now, b_mu, mu)
         c_set = tl.where(set_now, 1.0, c_set)
-        delta = tl.where(b_c_set != 0, (b_c_y - c_y) - (b_c_x - c_x), 0.0)
-        b_u = tl.exp(delta) * b_u + b_s_xb * _expm1(delta)
+        delta = tl.where(b_c_set != 0, b_mu - mu, 0.0)
+        exp_d = tl.exp(delta)
+        em1_d = _expm1(delta)
+        b_e = exp_d * (b_e + delta * (b_a + b_d)) + em1_d * (b_a + delta * b_s_xb)
+        b_d = exp_d * b_d + em1_d * b_a + b_s_xb * _phi(delta)
         b_a = b_a + b_s_xb * delta
         b_b = b_b + b_s_yb * delta
 
@@ -940,8 +1068,9 @@ def _merge_splits_kernel(
         s_xo = alpha_x * s_xo + beta_x * b_s_xo
         s_yb = alpha_y * s_yb + beta_y * b_s_yb
         s_yo = alpha_y * s_yo + beta_y * b_s_yo
-        u = alpha_x * u + beta_x * b_u
+        dw = alpha_x * dw + beta_x * b_d
         a = alpha_x * a + beta_x * b_a
+        ew = alpha_x * ew + beta_x * b_e
         b = alpha_y * b + beta_y * b_b
         m_x = new_mx
         m_y = new_my
@@ -974,8 +1103,9 @@ def _merge_splits_kernel(
         _finalize(
             out_ptr, N, V, row, _row_pointer(ref_ptr, row64, T, ref_sb, ref_st),
             _row_pointer(quant_ptr, row64, T, quant_sb, quant_st), label_ptr, ignore_index,
-            m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, c_x, c_y, u, a, b, xy, xx, yy, dd,
+            m_x, s_xb, s_xo, h_x, m_y, s_yb, s_yo, h_y, mu, dw, a, b, ew, xy, xx, yy, dd,
             n_both, n_bad, n_fwd_inf, n_rev_inf, ax_idx, ay_idx, x_at_ay, kth, HAS_LABELS,
+            _XSCALE,
         )  # fmt: skip
     else:
         tl.store(flag_ptr + row, 1)
