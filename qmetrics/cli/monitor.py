@@ -108,20 +108,28 @@ def run_monitor(args: argparse.Namespace) -> int:
     return _check(args)
 
 
+def _load(args: argparse.Namespace, text: str) -> Any:
+    """The model ``text`` names, in the candidate syntax every command shares
+    (:class:`qmetrics.evaluation.models.CandidateSpec`: checkpoint, ``PATH.gguf``,
+    ``DIR::FILE.gguf``, ``NAME=`` prefix), with transformers' bars and advisories quiet."""
+    from qmetrics.evaluation.models import CandidateSpec, load_model
+
+    quiet_transformers()
+    return load_model(
+        CandidateSpec.parse(text),
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
 def _fit(args: argparse.Namespace) -> int:
-    from qmetrics.evaluation.models import load_pretrained
     from qmetrics.evaluation.monitor_profile import fit_profile, save_profile
     from qmetrics.metrics.drift import Thresholds
 
     dataset = args.dataset or DEFAULT_DATASET
     texts = open_corpus(dataset, args.text_field)
-    quiet_transformers()
-    entry = load_pretrained(
-        args.reference,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
+    entry = _load(args, args.reference)
     profile = fit_profile(
         entry,
         texts,
@@ -138,7 +146,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from qmetrics.evaluation.models import load_pretrained, rtn_candidate
+    from qmetrics.evaluation.models import rtn_candidate
     from qmetrics.evaluation.monitor_profile import (
         check_tokenizer,
         load_profile,
@@ -163,13 +171,7 @@ def _check(args: argparse.Namespace) -> int:
     thresholds = _thresholds(args, profile.thresholds)
     dataset = args.dataset or DEFAULT_DATASET
     texts = open_corpus(dataset, args.text_field)
-    quiet_transformers()
-    entry = load_pretrained(
-        args.candidate,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
+    entry = _load(args, args.candidate)
     check_tokenizer(profile, entry.tokenizer, entry.name)
     config_vocab = getattr(getattr(entry.model, "config", None), "vocab_size", None)
     if config_vocab is not None and config_vocab != profile.vocab_size:
