@@ -37,6 +37,7 @@ not finite, are non-finite: ``finite`` False, float fields NaN, matches False.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -76,9 +77,15 @@ def _unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :k].bool()
 
 
-def _rows(t: torch.Tensor) -> list[torch.Tensor]:
-    """``t`` [N, V] or [B, T, V] as a list of 2-D views (no copies)."""
-    return [t] if t.dim() == 2 else list(t.unbind(0))
+def _row_chunks(t: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``t`` [N, V] or [B, T, V] in chunks of at most ``_CHUNK_ROWS`` rows (2-D views, no
+    copies), each with its slice of the rows in row-major order."""
+    row0 = 0
+    for block in [t] if t.dim() == 2 else t.unbind(0):
+        for start in range(0, block.shape[0], _CHUNK_ROWS):
+            chunk = block[start : start + _CHUNK_ROWS]
+            yield slice(row0, row0 + chunk.shape[0]), chunk
+            row0 += chunk.shape[0]
 
 
 @torch.no_grad()
@@ -94,15 +101,10 @@ def reference_topk_summary_torch(
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be in [1, V={vocab}], got {top_k}")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in SUMMARY_FIELDS}
-    row0 = 0
-    for block in _rows(logits):
-        for start in range(0, block.shape[0], _CHUNK_ROWS):
-            chunk = block[start : start + _CHUNK_ROWS]
-            n = chunk.shape[0]
-            lab = None if labels is None else labels[row0 : row0 + n]
-            row0 += n
-            for name, value in _summarize_chunk(chunk, lab, top_k, ignore_index).items():
-                parts[name].append(value)
+    for rows, chunk in _row_chunks(logits):
+        lab = None if labels is None else labels[rows]
+        for name, value in _summarize_chunk(chunk, lab, top_k, ignore_index).items():
+            parts[name].append(value)
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
@@ -158,16 +160,11 @@ def topk_reference_compare_torch(
         raise ValueError(f"top_k must be in [1, K={stored_k}] of the summary, got {top_k}")
     names = ("kl", "reverse_kl", "entropy_quant", "nll_quant", "top1_match", "topk_match", "fq")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    row0 = 0
-    for block in _rows(quant):
-        for start in range(0, block.shape[0], _CHUNK_ROWS):
-            chunk = block[start : start + _CHUNK_ROWS]
-            n = chunk.shape[0]
-            ref = {k: v[row0 : row0 + n] for k, v in reference.items()}
-            lab = None if labels is None else labels[row0 : row0 + n]
-            row0 += n
-            for name, value in _compare_chunk(ref, chunk, lab, top_k, ignore_index).items():
-                parts[name].append(value)
+    for rows, chunk in _row_chunks(quant):
+        ref = {k: v[rows] for k, v in reference.items()}
+        lab = None if labels is None else labels[rows]
+        for name, value in _compare_chunk(ref, chunk, lab, top_k, ignore_index).items():
+            parts[name].append(value)
     out = {name: torch.cat(values) for name, values in parts.items()}
     finite = out.pop("fq") & torch.isfinite(reference["entropy"]) & torch.isfinite(reference["lse"])
     nan = torch.tensor(math.nan, dtype=torch.float64, device=quant.device)
