@@ -46,12 +46,8 @@ neither ``ignore_index`` nor in [0, V) is never read: its token gets NaN ``nll_*
 
 from __future__ import annotations
 
-import os
-import shutil
-import warnings
-from collections.abc import Callable
-
 import torch
+from qmetrics.kernels.torch_compile import CompiledCPU, want_compile
 
 # About 3 MiB of fp32 per [chunk, V] plane (24 rows at V = 32k): large enough to amortise
 # per-op overhead, small enough for the ~12 planes in use to stay in the last-level cache.
@@ -368,60 +364,10 @@ def _masked_rows(x: torch.Tensor, y: torch.Tensor, top_k: int) -> dict[str, torc
     }
 
 
-_compiled: Callable | None = None
-_compile_failed = False
-# Input signatures (dtypes, strides, shape) compiled so far. torch.compile keeps at most
-# a few versions of one function and then runs it uncompiled (far slower than the eager
-# path), so past _MAX_COMPILED_SIGNATURES new signatures take the eager path instead.
-_compiled_signatures: set[tuple] = set()
-_MAX_COMPILED_SIGNATURES = 6
-
-
-def _compiler_available() -> bool:
-    """Whether a C++ compiler for inductor's CPU code is on the PATH."""
-    names = (os.environ.get("CXX", ""), "c++", "g++", "clang++")
-    return any(name and shutil.which(name) for name in names)
-
-
-def _compiled_stats(x: torch.Tensor, y: torch.Tensor) -> Callable | None:
-    """The ``torch.compile``d :func:`_plain_stats` for inputs like ``x``, ``y``, or None when
-    compiling is unavailable or too many input signatures have been compiled already."""
-    global _compiled
-    signature = (x.dtype, y.dtype, x.stride(), y.stride(), x.shape)
-    if signature not in _compiled_signatures:
-        if len(_compiled_signatures) >= _MAX_COMPILED_SIGNATURES:
-            return None
-        _compiled_signatures.add(signature)
-    if _compiled is None and not _compile_failed:
-        if not _compiler_available():
-            _compile_disabled("no C++ compiler (c++, g++, clang++ or $CXX) on the PATH")
-        else:
-            _compiled = torch.compile(_plain_stats, dynamic=False)
-    return _compiled
-
-
-def _compile_disabled(reason: str) -> None:
-    global _compiled, _compile_failed
-    _compiled, _compile_failed = None, True
-    warnings.warn(
-        f"qmetrics: the compiled CPU path is off ({reason}); using the eager path (~4x slower)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _want_compile(compile: bool | None, device: torch.device, rows: int, vocab: int) -> bool:
-    """The ``compile`` argument, else $QMETRICS_TORCH_COMPILE (0/1), else a size threshold."""
-    if device.type != "cpu":
-        return False
-    if compile is not None:
-        return compile
-    env = os.environ.get("QMETRICS_TORCH_COMPILE", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    return rows >= 128 and rows * vocab >= COMPILE_MIN_ELEMENTS
+# torch.compile keeps at most a few versions of one function and then runs it uncompiled
+# (far slower than the eager path), so past 6 input signatures (dtypes, strides, shape) new
+# ones take the eager path instead.
+_COMPILED = CompiledCPU(_plain_stats, name="compare_logits", dynamic=False, max_signatures=6)
 
 
 def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -486,7 +432,8 @@ def logit_compare_torch(
         raise ValueError(f"labels has {labels.numel()} entries for {n} rows of logits")
     x3, y3, swapped = _layout(ref3, quant3)
     outer, inner = x3.shape[:2]
-    use_compile = _want_compile(compile, dev, n, vocab) and n > 0
+    large = n >= 128 and n * vocab >= COMPILE_MIN_ELEMENTS
+    use_compile = want_compile(compile, dev, large) and n > 0
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     chunk_rows = max(1, min(chunk_rows, inner))
@@ -494,12 +441,9 @@ def logit_compare_torch(
     maxima = torch.empty(2, outer, inner, dtype=torch.float32, device=dev)
     argmax = torch.empty(2, outer, inner, dtype=torch.int64, device=dev)
     compiled = None
-    fn = _compiled_stats(x3, y3) if use_compile else None
-    if fn is not None:  # one call over all rows (a Python loop would cost more than it saves)
-        try:
-            compiled = fn(x3, y3)
-        except Exception as exc:  # a broken toolchain must not break the metrics
-            _compile_disabled(f"{type(exc).__name__}: {exc}"[:300])
+    if use_compile:  # one call over all rows (a Python loop would cost more than it saves)
+        signature = (x3.dtype, y3.dtype, x3.stride(), y3.stride(), x3.shape)
+        compiled = _COMPILED(signature, x3, y3)
     if compiled is not None:
         stats, mx, my, ax, ay = compiled
         maxima, argmax = torch.stack([mx, my]), torch.stack([ax, ay])

@@ -93,10 +93,10 @@ def guarded(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """The guard, lifted inside the Triton launcher for ``backend="triton"``."""
     backend = request.node.callspec.params["backend"]
     monkeypatch.setattr(qmetrics.metrics.logit_stats, "compare_logits", compare_logits)
+    if backend == "triton":  # imported outside the guard: its import-time constants are host math
+        import qmetrics.kernels.logit_compare as triton_module
     with no_host_reads() as lifted:
         if backend == "triton":
-            import qmetrics.kernels.logit_compare as triton_module
-
             launcher = unguarded(triton_module.logit_compare_triton, lifted)
             monkeypatch.setattr(triton_module, "logit_compare_triton", launcher)
         yield lifted

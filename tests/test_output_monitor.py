@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from qmetrics.kernels.torch_compile import compiler_available
 
 from qmetrics.metrics.drift import (
     GRIDS,
@@ -113,6 +114,46 @@ def test_observe_makes_no_host_sync() -> None:
             mon.observe(x[:, :2], continues=True)
             mon.end_requests()
     assert mon.tokens_total == 3 * 14
+
+
+def _mixed_traffic(mon: OutputMonitor, seed: int = 0) -> None:
+    """Scoring calls of several lengths (strided views, labels with an ignored one, a padding
+    mask, NaN and −inf entries), a generate-like run of continuing requests, a [T, V] call."""
+    g = torch.Generator().manual_seed(seed)
+    for t in (9, 5, 12):
+        x = 3 * torch.randn(3, t + 1, 257, generator=g)
+        x[0, 1, 7], x[1, 2, 3] = float("nan"), float("-inf")
+        labels = torch.randint(0, 257, (3, t), generator=g)
+        labels[0, 0] = -100
+        mask = torch.rand(3, t, generator=g) > 0.2
+        mon.observe(x[:, :-1], labels, mask=mask)
+        mon.observe(x[:, 1:])
+    for _ in range(4):
+        mon.observe(torch.randn(3, 1, 257, generator=g), continues=True)
+    mon.end_requests()
+    mon.observe(torch.randn(11, 257, generator=g))
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
+@pytest.mark.slow
+def test_compiled_step_matches_the_eager_one() -> None:
+    """``compile=True`` (one inductor function per step) gives the eager step's window, counts
+    and histograms, and makes no host sync once compiled."""
+    compiled = OutputMonitor(window_tokens=100, buckets=4, compile=True, keep_requests=50)
+    eager = OutputMonitor(window_tokens=100, buckets=4, compile=False, keep_requests=50)
+    _mixed_traffic(compiled)
+    _mixed_traffic(eager)
+    got, want = compiled.snapshot(), eager.snapshot()
+    assert got["window"] == want["window"] and got["nonfinite_total"] == want["nonfinite_total"]
+    assert got["window"]["nonfinite"] > 0
+    for name, stat in want["stats"].items():
+        for key, value in stat.items():
+            assert got["stats"][name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+    np.testing.assert_allclose(compiled.request_sums(), eager.request_sums(), rtol=1e-5)
+    for a, b in zip(compiled.summary().stats.values(), eager.summary().stats.values(), strict=True):
+        assert np.abs(np.subtract(a.hist, b.hist)).sum() <= 2  # a value on a bin edge
+    with no_host_reads():
+        _mixed_traffic(compiled, seed=1)
 
 
 def test_bad_input() -> None:

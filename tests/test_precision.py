@@ -64,9 +64,9 @@ def test_torch_paths_agree_at_1e_4(compile):
 
 
 def _has_cxx() -> bool:
-    from qmetrics.kernels.logit_compare_torch import _compiler_available
+    from qmetrics.kernels.torch_compile import compiler_available
 
-    return _compiler_available()
+    return compiler_available()
 
 
 class _no_warning:  # noqa: N801 (used like pytest.warns)

@@ -67,12 +67,32 @@ class FixedHistogram:
     def device(self) -> torch.device:
         return self.counts.device
 
+    @property
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lo [S, 1], bins/(hi − lo) [S, 1], k·bins [S, 1]): the arguments of
+        :func:`bin_counts` for these grids."""
+        return self._lo, self._scale, self._offset
+
     def update(self, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Count ``values`` [S, N] where ``valid`` [S, N] (bool) holds. Sync-free: elementwise
-        ops and one ``index_add_`` into the fixed counts."""
-        index = ((values - self._lo) * self._scale).nan_to_num_(0.0).clamp_(0, self.bins - 1)
-        flat = index.to(torch.int64).add_(self._offset).reshape(-1)
-        self.counts.view(-1).index_add_(0, flat, valid.reshape(-1).to(torch.int64))
+        """Count ``values`` [S, N] where ``valid`` [S, N] (bool) holds. Sync-free."""
+        self.counts += bin_counts(values, valid, *self.layout, self.bins)
 
     def reset(self) -> None:
         self.counts.zero_()
+
+
+def bin_counts(
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    lo: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bins: int,
+) -> torch.Tensor:
+    """Counts [S, bins] (int64) of ``values`` [S, N] where ``valid`` holds, on the grids of
+    :attr:`FixedHistogram.layout`: elementwise ops and one ``index_add`` (no host
+    synchronisation; plain ops that ``torch.compile`` fuses)."""
+    index = ((values - lo) * scale).nan_to_num(0.0).clamp(0, bins - 1)
+    flat = (index.to(torch.int64) + offset).reshape(-1)
+    counts = torch.zeros(values.shape[0] * bins, dtype=torch.int64, device=values.device)
+    return counts.index_add(0, flat, valid.reshape(-1).to(torch.int64)).view(-1, bins)

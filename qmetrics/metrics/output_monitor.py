@@ -4,7 +4,11 @@ windows of bounded memory, checked against a reference profile.
 ``observe(logits, labels)`` runs :func:`qmetrics.metrics.output_stats.output_stats_rows` (one
 pass over V) and adds, per statistic of :data:`qmetrics.metrics.drift.STATISTICS`, token sums,
 per-request sums (for the error clustered by request) and a fixed-bin histogram into the
-current bucket, all on the logits' device: no host synchronisation, a few dozen small ops.
+current bucket, all on the logits' device, with no host synchronisation
+(:func:`token_moments`). Eagerly that is the op plus a few dozen small ops; on the CPU with
+``compile`` the whole step is one ``torch.compile``d function (:func:`_observe_plain`:
+inductor's fused loops over the logits, ~1 ns per logit on one core, and one small fused
+epilogue) followed by four in-place adds.
 
 Requests: the rows of [B, T, V] logits (all leading dims but the last: [T, V] is one request).
 With ``continues=True`` the rows' sums stay open across calls (a request seen chunk by chunk,
@@ -25,6 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmetrics.kernels.output_stats_torch import (
+    compile_signature,
+    compiled_view,
+    plain_output_stats,
+)
+from qmetrics.kernels.torch_compile import CompiledCPU, want_compile
 from qmetrics.metrics.drift import (
     GRIDS,
     STATISTICS,
@@ -35,16 +45,98 @@ from qmetrics.metrics.drift import (
     WindowSummary,
     check_window,
 )
-from qmetrics.metrics.fixed_histogram import FixedHistogram
-from qmetrics.metrics.functional import Backend, check_backend
-from qmetrics.metrics.output_stats import output_stats_rows
+from qmetrics.metrics.fixed_histogram import FixedHistogram, bin_counts
+from qmetrics.metrics.functional import Backend, check_backend, resolve_backend
+from qmetrics.metrics.output_stats import check_logits, checked_labels, output_stats_rows
 
 # rows of output_stats_rows holding the monitored statistics (entropy, max_prob, margin, nll)
 _STAT_ROWS = (0, 1, 2, 4)
 # columns of a bucket's per-statistic moments (float64)
 _MOMENTS = ("n", "sum", "sum_sq", "cl_n", "cl_sum", "clusters", "cl_sum_sq", "cl_sum_n", "cl_n_sq")
 _M = {name: k for k, name in enumerate(_MOMENTS)}
+_CLUSTER = slice(_M["cl_n"], len(_MOMENTS))  # the per-request columns, last in _MOMENTS
 QUANTILES = (0.05, 0.5, 0.95)
+#: With ``compile=None`` the CPU monitor switches to the compiled path once it has read this
+#: many logits eagerly (~10 s of eager work, about what a compile costs).
+COMPILE_AFTER_LOGITS = 1 << 31
+
+
+def cluster_moments(sums: torch.Tensor) -> torch.Tensor:
+    """[S, 6] float64 (``cl_n, cl_sum, clusters, cl_sum_sq, cl_sum_n, cl_n_sq``) of finished
+    requests' (sum, count) ``sums`` [S, R, 2]: Σn, Σs, #{n > 0}, Σs², Σs·n, Σn²."""
+    s, n = sums[..., 0], sums[..., 1]
+    parts = [n, s, (n > 0).double(), s * s, s * n, n * n]
+    return torch.stack([p.sum(1) for p in parts], dim=1)
+
+
+def token_moments(
+    raw: torch.Tensor,
+    keep: torch.Tensor | None,
+    per_request: int,
+    lo: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bins: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one call adds to a bucket, from :func:`output_stats_rows`'s ``raw`` [6, N]:
+    ``delta`` [S, 9] float64 (``_MOMENTS``; its per-request columns count each run of
+    ``per_request`` tokens as a finished request), the histogram counts [S, bins], the number
+    of non-finite tokens and the per-request (sum, count) [S, R, 2]. ``keep``: N bools
+    (False: not counted) or None. Plain tensor ops: run eagerly, or compiled with
+    :func:`plain_output_stats` on the CPU (:func:`_observe_plain`)."""
+    values = torch.stack([raw[k] for k in _STAT_ROWS])  # [S, N]
+    valid = torch.isfinite(values)
+    bad = raw[5] == 0
+    if keep is not None:
+        valid, bad = valid & keep, bad & keep
+    hist = bin_counts(values, valid, lo, scale, offset, bins)
+    kept = torch.where(valid, values, 0.0).double()
+    counts = valid.double()
+    stats = len(STATISTICS)
+    sums = torch.stack(
+        [
+            kept.view(stats, -1, per_request).sum(-1),
+            counts.view(stats, -1, per_request).sum(-1),
+        ],
+        dim=-1,
+    )
+    token = torch.stack([counts.sum(1), kept.sum(1), (kept * kept).sum(1)], dim=1)
+    delta = torch.cat([token, cluster_moments(sums)], dim=1)
+    return delta, hist, bad.sum(), sums
+
+
+def _observe_plain(
+    x3: torch.Tensor,
+    labels: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    lo: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bins: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_moments` of :func:`plain_output_stats` for requests ``x3`` [R, T, V]:
+    the whole CPU observe step as one function for ``torch.compile``."""
+    raw = plain_output_stats(x3, labels, ignore_index)
+    return token_moments(raw, keep, x3.shape[1], lo, scale, offset, bins)
+
+
+_COMPILED = CompiledCPU(_observe_plain, name="OutputMonitor", dynamic=None, max_signatures=8)
+
+
+def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
+    """``logits`` [..., T, V] as a [R, T, V] view (one request per row of T tokens; [T, V]
+    is one request), or None when no such view exists (the eager path handles it)."""
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        return None
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    try:
+        return logits.view(-1, *logits.shape[-2:])
+    except RuntimeError:
+        return None
 
 
 class _Bucket:
@@ -72,7 +164,12 @@ class OutputMonitor:
 
     ``window_tokens``: tokens per window (None: everything); ``buckets``: its granularity;
     ``backend``: of :func:`qmetrics.metrics.output_stats.output_stats`; ``ignore_index``: the
-    label value that is not scored.
+    label value that is not scored; ``keep_requests``: how many finished requests' sums to keep
+    for :meth:`request_sums`. ``compile`` (CPU, torch backend): run each observe step as one
+    ``torch.compile``d function (True; the first call per input signature compiles, 5-30 s),
+    never (False), or — None — as ``$QMETRICS_TORCH_COMPILE`` says, else once
+    ``COMPILE_AFTER_LOGITS`` logits have been read eagerly. A server should pass True and make
+    one warm-up call per shape pattern before taking traffic.
     """
 
     def __init__(
@@ -83,6 +180,7 @@ class OutputMonitor:
         backend: Backend = "auto",
         ignore_index: int = -100,
         keep_requests: int = 0,
+        compile: bool | None = None,
     ):
         check_backend(backend)
         if window_tokens is not None and (isinstance(window_tokens, bool) or window_tokens < 1):
@@ -103,6 +201,8 @@ class OutputMonitor:
         self._nonfinite_total: torch.Tensor | None = None
         self._generating = False
         self.keep_requests = keep_requests
+        self.compile = compile
+        self._logits_seen = 0
         self._request_log: list[torch.Tensor] = []  # closed requests' [S, R, 2] sums, in order
         self._logged = 0
 
@@ -137,72 +237,88 @@ class OutputMonitor:
         """Add the tokens of ``logits`` [..., V] (``labels`` shaped like the leading dims for
         the NLL; ``mask``: bool, False for tokens to skip, e.g. padding). ``continues``: the
         requests (rows) stay open across calls until :meth:`end_requests`. Sync-free."""
-        raw = output_stats_rows(
-            logits, labels, ignore_index=self.ignore_index, backend=self.backend
-        )
-        self._setup(raw.device, logits.shape[-1])
+        check_logits(logits)
         lead = logits.shape[:-1]
         n_tok = lead.numel()
         per_request = lead[-1] if len(lead) >= 2 else n_tok
-        values = raw[list(_STAT_ROWS)]  # [S, N]
-        valid = torch.isfinite(values)
-        bad = raw[5] == 0
+        keep = None
         if mask is not None:
             if mask.shape != lead:
                 raise ValueError(
                     f"mask shape {tuple(mask.shape)} does not match the logits' "
                     f"leading shape {tuple(lead)}"
                 )
-            keep = mask.to(device=values.device, dtype=torch.bool).reshape(-1)
-            valid &= keep
-            bad &= keep
-        nonfinite = bad.sum()
+            keep = mask.to(device=logits.device, dtype=torch.bool).reshape(-1)
+        self._setup(logits.device, logits.shape[-1])
         bucket = self._buckets[self._current]
+        layout = (*bucket.hist.layout, bucket.hist.bins)
+        step = self._compiled_step(logits, labels, keep, layout)
+        if step is None:
+            raw = output_stats_rows(
+                logits, labels, ignore_index=self.ignore_index, backend=self.backend
+            )
+            step = token_moments(raw, keep, per_request, *layout)
+        delta, hist, nonfinite, sums = step
+        bucket.hist.counts += hist
         bucket.nonfinite += nonfinite
         self._nonfinite_total += nonfinite
-        bucket.hist.update(values, valid)
-        zero = torch.zeros((), dtype=values.dtype, device=values.device)
-        kept = torch.where(valid, values, zero).double()
-        counts = valid.double()
-        m = bucket.moments
-        m[:, _M["n"]] += counts.sum(1)
-        m[:, _M["sum"]] += kept.sum(1)
-        m[:, _M["sum_sq"]] += (kept * kept).sum(1)
-        sums = torch.stack(
-            [
-                kept.view(len(STATISTICS), -1, per_request).sum(-1),
-                counts.view(len(STATISTICS), -1, per_request).sum(-1),
-            ],
-            dim=-1,
-        )
         if continues:
             if self._open is not None and self._open.shape != sums.shape:
                 raise ValueError(
                     f"{sums.shape[1]} continuing requests, but "
                     f"{self._open.shape[1]} are open: call end_requests() first"
                 )
+            bucket.moments[:, : _CLUSTER.start] += delta[:, : _CLUSTER.start]
             self._open = sums if self._open is None else self._open + sums
         else:
-            self._fold(sums)
+            bucket.moments += delta
+            self._log_requests(sums)
+        self._logits_seen += logits.numel()
         bucket.tokens += n_tok
         self.tokens_total += n_tok
         if self.bucket_tokens is not None and bucket.tokens >= self.bucket_tokens:
             self._current = (self._current + 1) % self.n_buckets
             self._buckets[self._current].reset(self.tokens_total)
 
-    def _fold(self, sums: torch.Tensor) -> None:
-        """Add finished requests' (sum, count) [S, R, 2] to the current bucket's cluster sums."""
+    def _compiled_step(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        layout: tuple,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """:func:`_observe_plain` compiled, on the CPU when the compiled path is wanted
+        (``compile``; None: after ``COMPILE_AFTER_LOGITS`` eager logits) and a [R, T, V] view
+        exists; else None."""
+        if resolve_backend(self.backend, logits.device) != "torch":
+            return None
+        large = self._logits_seen >= COMPILE_AFTER_LOGITS
+        if not want_compile(self.compile, logits.device, large):
+            return None
+        x3 = _request_view(logits.detach())
+        if x3 is None:
+            return None
+        labels = checked_labels(labels, logits)
+        signature = (*compile_signature(x3, labels), keep is None)
+        return _COMPILED(
+            signature,
+            compiled_view(x3),
+            None if labels is None else compiled_view(labels),
+            None if keep is None else compiled_view(keep),
+            *layout,
+            self.ignore_index,
+        )
+
+    def _log_requests(self, sums: torch.Tensor) -> None:
+        """Keep finished requests' sums [S, R, 2] while fewer than ``keep_requests`` are."""
         if self._logged < self.keep_requests:
             self._request_log.append(sums)
             self._logged += sums.shape[1]
-        s, n = sums[..., 0], sums[..., 1]
-        m = self._buckets[self._current].moments
-        m[:, _M["cl_n"]] += n.sum(1)
-        m[:, _M["cl_sum"]] += s.sum(1)
-        m[:, _M["clusters"]] += (n > 0).double().sum(1)
-        m[:, _M["cl_sum_sq"]] += (s * s).sum(1)
-        m[:, _M["cl_sum_n"]] += (s * n).sum(1)
-        m[:, _M["cl_n_sq"]] += (n * n).sum(1)
+
+    def _fold(self, sums: torch.Tensor) -> None:
+        """Add finished requests' (sum, count) [S, R, 2] to the current bucket's cluster sums."""
+        self._log_requests(sums)
+        self._buckets[self._current].moments[:, _CLUSTER] += cluster_moments(sums)
 
     def end_requests(self) -> None:
         """Close the requests opened by ``observe(..., continues=True)``."""
@@ -218,6 +334,7 @@ class OutputMonitor:
             backend=self.backend,
             ignore_index=self.ignore_index,
             keep_requests=self.keep_requests,
+            compile=self.compile,
         )
 
     def request_sums(self) -> np.ndarray:

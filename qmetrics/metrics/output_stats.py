@@ -57,6 +57,15 @@ def check_logits(logits: object) -> None:
         raise ValueError(f"empty input: logits have shape {tuple(logits.shape)} (no tokens)")
 
 
+def checked_labels(labels: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """``labels`` (shaped like the logits' leading dims, integer) as N contiguous int64 entries
+    on the logits' device, or None; a shape or dtype mismatch raises ``ValueError``."""
+    if labels is None:
+        return None
+    check_labels(labels, logits.shape[:-1])
+    return labels.to(device=logits.device, dtype=torch.int64).reshape(-1).contiguous()
+
+
 def output_stats_rows(
     logits: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -69,10 +78,7 @@ def output_stats_rows(
     for callers that keep the statistics stacked (:class:`qmetrics.metrics.output_monitor.
     OutputMonitor`). Same checks, views and no host synchronisation."""
     check_logits(logits)
-    lead = logits.shape[:-1]
-    if labels is not None:
-        check_labels(labels, lead)
-        labels = labels.to(device=logits.device, dtype=torch.int64).reshape(-1).contiguous()
+    labels = checked_labels(labels, logits)
     which = resolve_backend(backend, logits.device)
     rows = logit_view(logits)
     if which == "triton":
