@@ -2,8 +2,10 @@
 
 Each case is timed round-robin in one run, median of ``--repeats`` rounds after a warm-up
 (which also compiles): the forward alone; ``observe`` alone on that forward's logits, with the
-compiled CPU step (``OutputMonitor(compile=True)``) and eagerly (``compile=False``); and
-forward + compiled observe end to end. The overhead is observe / forward (the end-to-end
+compiled CPU step (``OutputMonitor(compile=True)``), eagerly (``compile=False``), and compiled
+observing one position in ``--sample-every`` (``sample_every``; a decode step: one call in
+k; its mean over whole cycles of k calls, not the median); and forward + compiled observe
+end to end. The overhead is observe / forward (the end-to-end
 difference says the same within the forward's own noise, which on a shared CPU is a few %).
 
 - the bundled demo model (V = 4096, hidden 192, 4 layers) on a scoring call [4, 128] with
@@ -35,8 +37,11 @@ DEMO = Path(__file__).resolve().parents[1] / "qmetrics" / "demo_model"
 Case = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor, OutputMonitor], None]]
 
 
-def side_by_side(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, timed round-robin (one of each per round)."""
+def side_by_side(
+    cases: dict[str, Callable[[], object]], repeats: int, mean: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Median seconds of each callable (the mean for those named in ``mean``: a sampling
+    monitor's cost differs from call to call), timed round-robin (one of each per round)."""
     for fn in cases.values():  # warm-up (and compile)
         fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -45,7 +50,10 @@ def side_by_side(cases: dict[str, Callable[[], object]], repeats: int) -> dict[s
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        name: (statistics.fmean if name in mean else statistics.median)(ts)
+        for name, ts in times.items()
+    }
 
 
 def demo_case(batch: int, length: int) -> Case:
@@ -82,21 +90,26 @@ def head_case(tokens: int, hidden: int = 4096, vocab: int = 128256) -> Case:
     return forward, observe
 
 
-def measure(case: Case, repeats: int) -> dict[str, float]:
-    """Median seconds of: forward, observe (compiled / eager) on one forward's logits, and
-    forward + compiled observe."""
+def measure(case: Case, repeats: int, sample_every: int) -> dict[str, float]:
+    """Median seconds of: forward, observe (compiled / eager / compiled sampling one position
+    in ``sample_every``) on one forward's logits, and forward + compiled observe."""
     forward, observe = case
     logits = forward()
     compiled = OutputMonitor(window_tokens=65536, compile=True)
     eager = OutputMonitor(window_tokens=65536, compile=False)
+    sampled = OutputMonitor(window_tokens=65536, compile=True, sample_every=sample_every)
+    for _ in range(2 * sample_every):  # compiles each view pattern the sampling offsets make
+        observe(logits, sampled)
     return side_by_side(
         {
             "forward": forward,
             "compiled": lambda: observe(logits, compiled),
             "eager": lambda: observe(logits, eager),
+            "sampled": lambda: observe(logits, sampled),
             "forward+compiled": lambda: observe(forward(), compiled),
         },
-        repeats,
+        -(-repeats // sample_every) * sample_every,  # whole cycles of the sampling monitor
+        mean=("sampled",),
     )
 
 
@@ -104,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--sample-every", type=int, default=4)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
+    k = args.sample_every
     print(
         "| case | forward ms | observe, compiled ms | overhead | end to end |"
-        " observe, eager ms | overhead |"
+        f" observe, eager ms | overhead | compiled, 1 position in {k} ms | overhead |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     cases = {
         "demo model, scoring [4, 128], V=4096": lambda: demo_case(4, 128),
         "demo model, decode step [4, 1], V=4096": lambda: demo_case(4, 1),
@@ -119,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         "V=128256 head (hidden 4096), 1 token": lambda: head_case(1),
     }
     for name, make in cases.items():
-        t = measure(make(), args.repeats)
+        t = measure(make(), args.repeats, k)
         base = t["forward"]
         both = (t["forward+compiled"] - base) / base
         print(
             f"| {name} | {base * 1e3:.2f} | {t['compiled'] * 1e3:.3f} | "
             f"{t['compiled'] / base:.1%} | {both:+.1%} | {t['eager'] * 1e3:.3f} | "
-            f"{t['eager'] / base:.1%} |",
+            f"{t['eager'] / base:.1%} | {t['sampled'] * 1e3:.3f} | {t['sampled'] / base:.1%} |",
             flush=True,
         )
     return 0

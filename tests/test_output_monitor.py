@@ -156,6 +156,32 @@ def test_compiled_step_matches_the_eager_one() -> None:
         _mixed_traffic(compiled, seed=1)
 
 
+def test_sampling_observes_every_kth_position_as_views() -> None:
+    """``sample_every=3``: call c observes positions c % 3, c % 3 + 3, ... of each request (the
+    same as observing those slices in full); decode steps: every 3rd call; bad input raises
+    even on a call that is not sampled."""
+    sampled = OutputMonitor(sample_every=3, compile=False)
+    full = OutputMonitor(compile=False)
+    for call in range(5):
+        x, labels = _logits(2, 7, seed=call), torch.randint(0, 64, (2, 7))
+        sampled.observe(x, labels)
+        full.observe(x[:, call % 3 :: 3], labels[:, call % 3 :: 3])
+    for call in range(5, 11):  # decode steps of two requests: calls 6 and 9 are observed
+        sampled.observe(_logits(2, 1, seed=call), continues=True)
+        if call % 3 == 0:
+            full.observe(_logits(2, 1, seed=call), continues=True)
+    sampled.end_requests()
+    full.end_requests()
+    got, want = sampled.snapshot(), full.snapshot()
+    assert got.pop("sample_every") == 3 and want.pop("sample_every") == 1
+    assert got == want
+    assert got["tokens_total"] == 2 * (3 + 2 + 2 + 3 + 2) + 2 * 2
+    with pytest.raises(ValueError, match="mask shape"):
+        sampled.observe(_logits(2, 1), mask=torch.ones(3, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sample_every"):
+        OutputMonitor(sample_every=0)
+
+
 def test_bad_input() -> None:
     mon = OutputMonitor()
     mon.observe(_logits(1, 5))

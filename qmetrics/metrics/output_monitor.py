@@ -48,6 +48,7 @@ from qmetrics.metrics.drift import (
 from qmetrics.metrics.fixed_histogram import FixedHistogram, bin_counts
 from qmetrics.metrics.functional import Backend, check_backend, resolve_backend
 from qmetrics.metrics.output_stats import check_logits, checked_labels, output_stats_rows
+from qmetrics.metrics.validation import check_labels
 
 # rows of output_stats_rows holding the monitored statistics (entropy, max_prob, margin, nll)
 _STAT_ROWS = (0, 1, 2, 4)
@@ -124,6 +125,29 @@ def _observe_plain(
 _COMPILED = CompiledCPU(_observe_plain, name="OutputMonitor", dynamic=None, max_signatures=8)
 
 
+def _sample_positions(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    call: int,
+    every: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """Call number ``call``'s share of a monitor sampling one position in ``every``: every
+    ``every``-th position of each request from offset ``call % every`` (views, no copy), or,
+    for one position per request (a decode step), the whole call on every ``every``-th call
+    only. None: nothing of this call is observed."""
+    length = logits.shape[-2] if logits.dim() >= 2 else 1
+    offset = call % every
+    if length == 1:
+        return (logits, labels, mask) if offset == 0 else None
+    if offset >= length:
+        return None
+    logits = logits[..., offset::every, :]
+    labels = None if labels is None else labels[..., offset::every]
+    mask = None if mask is None else mask[..., offset::every]
+    return logits, labels, mask
+
+
 def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
     """``logits`` [..., T, V] as a [R, T, V] view (one request per row of T tokens; [T, V]
     is one request), or None when no such view exists (the eager path handles it)."""
@@ -169,7 +193,11 @@ class OutputMonitor:
     ``torch.compile``d function (True; the first call per input signature compiles, 5-30 s),
     never (False), or — None — as ``$QMETRICS_TORCH_COMPILE`` says, else once
     ``COMPILE_AFTER_LOGITS`` logits have been read eagerly. A server should pass True and make
-    one warm-up call per shape pattern before taking traffic.
+    one warm-up call per shape pattern before taking traffic. ``sample_every`` = k > 1
+    observes one position in k of every request (every k-th position from an offset that
+    rotates from call to call; a decode step's one position: every k-th call), cutting the
+    cost k-fold; token counts and windows then count the observed tokens. Means and
+    distributions stay unbiased over positions; their errors grow by up to √k.
     """
 
     def __init__(
@@ -181,8 +209,11 @@ class OutputMonitor:
         ignore_index: int = -100,
         keep_requests: int = 0,
         compile: bool | None = None,
+        sample_every: int = 1,
     ):
         check_backend(backend)
+        if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
+            raise ValueError(f"sample_every must be a positive int, got {sample_every!r}")
         if window_tokens is not None and (isinstance(window_tokens, bool) or window_tokens < 1):
             raise ValueError(f"window_tokens must be a positive int or None, got {window_tokens!r}")
         if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
@@ -202,6 +233,8 @@ class OutputMonitor:
         self._generating = False
         self.keep_requests = keep_requests
         self.compile = compile
+        self.sample_every = sample_every
+        self._calls = 0
         self._logits_seen = 0
         self._request_log: list[torch.Tensor] = []  # closed requests' [S, R, 2] sums, in order
         self._logged = 0
@@ -239,23 +272,36 @@ class OutputMonitor:
         requests (rows) stay open across calls until :meth:`end_requests`. Sync-free."""
         check_logits(logits)
         lead = logits.shape[:-1]
+        if labels is not None:
+            check_labels(labels, lead)
+        if mask is not None and mask.shape != lead:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match the logits' "
+                f"leading shape {tuple(lead)}"
+            )
+        self._setup(logits.device, logits.shape[-1])
+        call, self._calls = self._calls, self._calls + 1
+        if self.sample_every > 1:
+            sampled = _sample_positions(logits, labels, mask, call, self.sample_every)
+            if sampled is None:
+                return
+            logits, labels, mask = sampled
+            lead = logits.shape[:-1]
         n_tok = lead.numel()
         per_request = lead[-1] if len(lead) >= 2 else n_tok
         keep = None
         if mask is not None:
-            if mask.shape != lead:
-                raise ValueError(
-                    f"mask shape {tuple(mask.shape)} does not match the logits' "
-                    f"leading shape {tuple(lead)}"
-                )
             keep = mask.to(device=logits.device, dtype=torch.bool).reshape(-1)
-        self._setup(logits.device, logits.shape[-1])
         bucket = self._buckets[self._current]
         layout = (*bucket.hist.layout, bucket.hist.bins)
         step = self._compiled_step(logits, labels, keep, layout)
         if step is None:
             raw = output_stats_rows(
-                logits, labels, ignore_index=self.ignore_index, backend=self.backend
+                logits,
+                labels,
+                ignore_index=self.ignore_index,
+                backend=self.backend,
+                compile=self.compile,
             )
             step = token_moments(raw, keep, per_request, *layout)
         delta, hist, nonfinite, sums = step
@@ -335,6 +381,7 @@ class OutputMonitor:
             ignore_index=self.ignore_index,
             keep_requests=self.keep_requests,
             compile=self.compile,
+            sample_every=self.sample_every,
         )
 
     def request_sums(self) -> np.ndarray:
@@ -388,6 +435,7 @@ class OutputMonitor:
         nonfinite_total = int(self._nonfinite_total) if self._nonfinite_total is not None else 0
         return {
             "tokens_total": self.tokens_total,
+            "sample_every": self.sample_every,
             "nonfinite_total": nonfinite_total,
             "vocab_size": self.vocab_size,
             "window": {**s.window(), "nonfinite": s.nonfinite},

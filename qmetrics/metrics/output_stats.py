@@ -72,6 +72,7 @@ def output_stats_rows(
     *,
     ignore_index: int = -100,
     backend: Backend = "auto",
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """The raw [6, N] fp32 result (rows ``entropy, max_prob, margin, lse, nll, finite``; N the
     number of tokens, ``finite`` 1.0/0.0, ``nll`` NaN without labels) of :func:`output_stats`,
@@ -85,7 +86,7 @@ def output_stats_rows(
         from qmetrics.kernels.output_stats import output_stats_triton
 
         return output_stats_triton(rows, labels, ignore_index=ignore_index)
-    return output_stats_torch(rows, labels, ignore_index=ignore_index)
+    return output_stats_torch(rows, labels, ignore_index=ignore_index, compile=compile)
 
 
 def output_stats(
@@ -94,6 +95,7 @@ def output_stats(
     *,
     ignore_index: int = -100,
     backend: Backend = "auto",
+    compile: bool | None = None,
 ) -> OutputStats:
     """Entropy, max probability, top-2 margin, log-sum-exp and (with ``labels``) NLL of every
     token of ``logits`` [..., V], in one pass over V (module docstring for the formulas).
@@ -101,9 +103,13 @@ def output_stats(
     The logits are read in place (any [..., V] view with unit stride along V, as in
     :func:`qmetrics.compare_logits`) and the call makes no host synchronisation (labels on
     the logits' device): on CUDA it only enqueues work. ``backend``: ``"auto"`` (Triton on
-    CUDA, torch elsewhere), ``"triton"`` or ``"torch"``. Bad input raises ``ValueError``.
+    CUDA, torch elsewhere), ``"triton"`` or ``"torch"``. ``compile`` (torch backend on the
+    CPU): the ``torch.compile``d path (True), the eager one (False), or by size (None: see
+    :mod:`qmetrics.kernels.output_stats_torch`). Bad input raises ``ValueError``.
     """
-    raw = output_stats_rows(logits, labels, ignore_index=ignore_index, backend=backend)
+    raw = output_stats_rows(
+        logits, labels, ignore_index=ignore_index, backend=backend, compile=compile
+    )
     lead = logits.shape[:-1]
     fields = {name: raw[k].view(lead) for k, name in enumerate(OUTPUTS)}
     finite = fields.pop("finite") > 0
