@@ -21,6 +21,7 @@ from qmetrics.metrics.drift import (
     population_stability,
     psi_bins,
 )
+from qmetrics.metrics import output_monitor
 from qmetrics.metrics.output_monitor import OutputMonitor
 from qmetrics.metrics.output_stats import output_stats
 from qmetrics.reports.monitor import monitor_records, prometheus_text, read_jsonl, write_jsonl
@@ -118,7 +119,8 @@ def test_observe_makes_no_host_sync() -> None:
 
 def _mixed_traffic(mon: OutputMonitor, seed: int = 0) -> None:
     """Scoring calls of several lengths (strided views, labels with an ignored one, a padding
-    mask, NaN and −inf entries), a generate-like run of continuing requests, a [T, V] call."""
+    mask, NaN and −inf entries), a generate-like run of continuing requests, a [T, V] call and
+    a [V] one."""
     g = torch.Generator().manual_seed(seed)
     for t in (9, 5, 12):
         x = 3 * torch.randn(3, t + 1, 257, generator=g)
@@ -132,6 +134,7 @@ def _mixed_traffic(mon: OutputMonitor, seed: int = 0) -> None:
         mon.observe(torch.randn(3, 1, 257, generator=g), continues=True)
     mon.end_requests()
     mon.observe(torch.randn(11, 257, generator=g))
+    mon.observe(torch.randn(257, generator=g), torch.tensor(5))  # one token
 
 
 @pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
@@ -143,6 +146,7 @@ def test_compiled_step_matches_the_eager_one() -> None:
     eager = OutputMonitor(window_tokens=100, buckets=4, compile=False, keep_requests=50)
     _mixed_traffic(compiled)
     _mixed_traffic(eager)
+    assert not output_monitor._COMPILED.failed, "the compiled step fell back to eager"
     got, want = compiled.snapshot(), eager.snapshot()
     assert got["window"] == want["window"] and got["nonfinite_total"] == want["nonfinite_total"]
     assert got["window"]["nonfinite"] > 0

@@ -153,6 +153,8 @@ def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
     is one request), or None when no such view exists (the eager path handles it)."""
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         return None
+    if logits.dim() == 1:  # one token
+        return logits.view(1, 1, -1)
     if logits.dim() == 2:
         return logits.unsqueeze(0)
     if logits.dim() == 3:
