@@ -12,6 +12,7 @@ import pytest
 import torch
 from qmetrics.kernels.torch_compile import compiler_available
 
+from qmetrics.metrics import output_monitor
 from qmetrics.metrics.drift import (
     GRIDS,
     MonitorProfile,
@@ -21,7 +22,6 @@ from qmetrics.metrics.drift import (
     population_stability,
     psi_bins,
 )
-from qmetrics.metrics import output_monitor
 from qmetrics.metrics.output_monitor import OutputMonitor
 from qmetrics.metrics.output_stats import output_stats
 from qmetrics.reports.monitor import monitor_records, prometheus_text, read_jsonl, write_jsonl
