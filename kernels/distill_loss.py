@@ -66,7 +66,7 @@ def _distill_loss_kernel(
     beta,  # JSD mixture weight β of the teacher
     log_beta,  # log β
     log_1m_beta,  # log(1 − β)
-    grad_scale,  # factor of every stored gradient entry (reduction weight)
+    scale_ptr,  # [1] fp32: factor of every stored gradient entry (reduction weight), on device
     DIVERGENCE: tl.constexpr,  # 0 kl, 1 reverse_kl, 2 jsd
     HAS_LABELS: tl.constexpr,  # whether label_ptr is read
     WRITE_GRAD: tl.constexpr,  # whether g_ptr is written
@@ -106,6 +106,9 @@ def _distill_loss_kernel(
             m_z = mz_new
         inv_dx = 1.0 / d_x
         inv_dz = 1.0 / d_z
+        grad_scale = 1.0
+        if WRITE_GRAD:
+            grad_scale = tl.load(scale_ptr)
         # log(s_z/s_x): lse(z) − lse(x) = (m_z − m_x) + log(d_z/d_x), without rounding either lse
         log_ratio = tl.log(d_z * inv_dx)
         # reverse KL from sweep 1 (B/s_x + lse(z) − lse(x)), used only in the gradient's constant
@@ -183,15 +186,17 @@ def distill_loss_triton(
     beta: float,
     temperature: float,
     ignore_index: int = -100,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
     need_grad: bool = True,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the fused kernel on ``student``/``teacher`` [N, V] (unit stride along V).
 
     Returns the fp32 per-row loss [N] and, with ``need_grad``, ``grad_scale · dL/ds`` [N, V] in
-    the student's dtype (zero rows where ``labels == ignore_index``). ``block_v`` overrides the
-    tile width (tests use it to run several tiles on small rows).
+    the student's dtype (zero rows where ``labels == ignore_index``). ``grad_scale``: a float or
+    a one-element tensor on the logits' device (read by the kernel: a reduction weight that
+    depends on the data needs no host sync). ``block_v`` overrides the tile width (tests use it
+    to run several tiles on small rows).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -203,12 +208,16 @@ def distill_loss_triton(
     grad = torch.empty(n, vocab, dtype=student.dtype, device=dev) if need_grad else loss
     if block_v is None:
         block_v = _block_v(vocab, dev)
+    if isinstance(grad_scale, torch.Tensor):
+        scale = grad_scale.to(device=dev, dtype=torch.float32).reshape(1)
+    else:
+        scale = torch.full((1,), grad_scale, dtype=torch.float32, device=dev)
     if n:
         _distill_loss_kernel[(n,)](
             student, student.stride(0), teacher, teacher.stride(0),
             grad, grad.stride(0) if need_grad else 0, loss,
             labels if labels is not None else loss, ignore_index,
-            vocab, 1.0 / temperature, beta, math.log(beta), math.log1p(-beta), grad_scale,
+            vocab, 1.0 / temperature, beta, math.log(beta), math.log1p(-beta), scale,
             DIVERGENCE=DIVERGENCES.index(divergence), HAS_LABELS=labels is not None,
             WRITE_GRAD=need_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )  # fmt: skip

@@ -70,13 +70,14 @@ def distill_loss_torch(
     divergence: str,
     beta: float,
     temperature: float,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
     need_grad: bool = True,
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row loss [N] (fp32, float64 for float64 inputs) and, with ``need_grad``, the gradient
     ``grad_scale · dL/ds`` [N, V] in the student's dtype, for ``student``/``teacher`` [N, V]
-    and the bool row mask ``counted`` [N] (formulas in the module docstring)."""
+    and the bool row mask ``counted`` [N] (formulas in the module docstring). ``grad_scale``: a
+    float or a device scalar tensor (applied in the work precision, no host sync)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     n, vocab = student.shape

@@ -21,7 +21,7 @@ for dt in ("bf16", "fp32"):
         types = {"s_ptr": f"*{dt}", "s_stride": "i64", "t_ptr": f"*{dt}", "t_stride": "i64",
                  "g_ptr": f"*{dt}", "g_stride": "i64", "loss_ptr": "*fp32", "label_ptr": "*i64",
                  "ignore_index": "i64", "V": "i32", "inv_t": "fp32", "beta": "fp32",
-                 "log_beta": "fp32", "log_1m_beta": "fp32", "grad_scale": "fp32"}
+                 "log_beta": "fp32", "log_1m_beta": "fp32", "scale_ptr": "*fp32"}
         consts = {"DIVERGENCE": div, "HAS_LABELS": True, "WRITE_GRAD": True, "BLOCK_V": 4096}
         r = report(Variant(f"distill-{dt}-{div}", dl._distill_loss_kernel, types, consts, 8), None)
         print(r["kernel"], r["registers"], r["spill_bytes"])

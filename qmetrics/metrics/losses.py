@@ -11,6 +11,12 @@ Per token, with P = softmax(teacher/T) and Q = softmax(student/T):
 output heads and never holds more than a chunk of tokens' logits. The ops are in
 :mod:`qmetrics.kernels.distill_loss` (Triton: loss and student-logit gradient in one launch) and
 :mod:`qmetrics.kernels.distill_loss_torch` (chunked torch, same outputs).
+
+No host synchronisation in the forward or the backward: the "mean" weight 1/#counted tokens
+stays a device scalar that the kernels read, and the backward always multiplies the stored
+gradient by the incoming one (no test for 1, which would read the device). That product is a
+new tensor — the stored gradient stays intact for a second backward (``retain_graph``,
+``gradcheck``) — so the backward briefly holds two [N, V] gradients in the student's dtype.
 """
 
 from __future__ import annotations
@@ -97,20 +103,22 @@ def _counted_and_scale(
     ignore_index: int,
     reduction: str,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+) -> tuple[torch.Tensor, torch.Tensor | None, float | torch.Tensor]:
     """Bool mask of counted rows, flat int64 labels (or None) and the reduction's weight w,
-    with loss = w · Σ_counted loss_row (w = 1 for "none": rows are returned as they are)."""
+    with loss = w · Σ_counted loss_row (w = 1 for "none": rows are returned as they are).
+    For "mean" with labels w = 1/#counted is a float64 device scalar (no host sync)."""
     if labels is None:
         counted = torch.ones(n, dtype=torch.bool, device=device)
         flat = None
-        n_counted = n
     else:
         flat = labels.reshape(-1).to(torch.int64)
         counted = flat != ignore_index
-        n_counted = int(counted.sum()) if reduction == "mean" else n
-    if reduction == "mean":
+    if reduction == "mean" and labels is not None:
         # no counted token: loss 0 and gradient 0, so an all-padding batch changes nothing
-        scale = 1.0 / n_counted if n_counted else 0.0
+        n_counted = counted.sum(dtype=torch.float64)
+        scale = torch.where(n_counted > 0, 1.0 / n_counted.clamp_min(1.0), 0.0)
+    elif reduction == "mean":
+        scale = 1.0 / n
     elif reduction == "batchmean":
         scale = 1.0 / lead[0] if len(lead) else 1.0
     else:
@@ -128,11 +136,12 @@ def _loss_rows(
     beta: float,
     temperature: float,
     ignore_index: int,
-    grad_scale: float,
+    grad_scale: float | torch.Tensor,
     need_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss [N] and ``grad_scale · dL/ds`` [N, V] of row-major logits, on one backend."""
+    """Per-row loss [N] and ``grad_scale · dL/ds`` [N, V] of row-major logits, on one backend
+    (``grad_scale``: a float or a device scalar)."""
     if backend == "triton":
         from qmetrics.kernels.distill_loss import distill_loss_triton
 
@@ -148,7 +157,7 @@ def _loss_rows(
 
 
 def _reduce(
-    loss_rows: torch.Tensor, lead: torch.Size, reduction: str, scale: float
+    loss_rows: torch.Tensor, lead: torch.Size, reduction: str, scale: float | torch.Tensor
 ) -> torch.Tensor:
     """The loss as returned: per-token rows for "none", else w · Σ rows summed in float64."""
     out_dtype = torch.float64 if loss_rows.dtype == torch.float64 else torch.float32
@@ -157,8 +166,12 @@ def _reduce(
     return (loss_rows.sum(dtype=torch.float64) * scale).to(out_dtype)
 
 
-def _is_one(grad_output: torch.Tensor) -> bool:
-    return grad_output.numel() == 1 and bool(grad_output == 1)
+def _scaled(
+    grads: tuple[torch.Tensor | None, ...], grad_output: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """The stored gradients times the incoming scalar gradient: new tensors, always (testing
+    for 1 would be a host sync; scaling in place would break a second backward)."""
+    return tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
 
 
 # ----------------------------------------------------------------------------- from logits
@@ -195,8 +208,8 @@ class DistillFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad = grad * grad_output.reshape(-1, 1).to(grad.dtype)
-        elif not _is_one(grad_output):
-            grad = grad * grad_output.to(grad.dtype)
+        else:
+            (grad,) = _scaled((grad,), grad_output)
         return grad.view(ctx.student_shape), None, None, None, None, None, None, None, None
 
 
@@ -345,9 +358,7 @@ class LinearDistillFunction(torch.autograd.Function):
                 hs2, w_s, b_s, ht2, w_t, b_t, counted, flat, ctx.chunk, ctx.opts, row_scale, needs
             )
         else:
-            grads = ctx.saved_tensors
-            if not _is_one(grad_output):
-                grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
+            grads = _scaled(ctx.saved_tensors, grad_output)
         g_h, g_w, g_b = grads
         if g_h is not None:
             g_h = g_h.view(ctx.shapes[0])
@@ -369,10 +380,11 @@ def _linear_pass(
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """One sweep over token chunks: per-row loss, and the student gradients asked for by
-    ``needs`` (hidden, weight, bias) scaled by ``scale`` (a float, or a per-row tensor)."""
+    ``needs`` (hidden, weight, bias) scaled by ``scale`` (a float, a device scalar, or a
+    per-row tensor [N])."""
     n = hs2.shape[0]
     any_grad = any(needs)
-    per_row = isinstance(scale, torch.Tensor)
+    per_row = isinstance(scale, torch.Tensor) and scale.dim() == 1
     g_h = torch.empty_like(hs2) if needs[0] else None
     # weight/bias gradients accumulate in fp32 and are cast to the parameter dtype at the end
     g_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if needs[1] else None
