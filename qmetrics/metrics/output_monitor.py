@@ -57,9 +57,6 @@ _MOMENTS = ("n", "sum", "sum_sq", "cl_n", "cl_sum", "clusters", "cl_sum_sq", "cl
 _M = {name: k for k, name in enumerate(_MOMENTS)}
 _CLUSTER = slice(_M["cl_n"], len(_MOMENTS))  # the per-request columns, last in _MOMENTS
 QUANTILES = (0.05, 0.5, 0.95)
-#: With ``compile=None`` the CPU monitor switches to the compiled path once it has read this
-#: many logits eagerly (~10 s of eager work, about what a compile costs).
-COMPILE_AFTER_LOGITS = 1 << 31
 
 
 def cluster_moments(sums: torch.Tensor) -> torch.Tensor:
@@ -193,9 +190,9 @@ class OutputMonitor:
     label value that is not scored; ``keep_requests``: how many finished requests' sums to keep
     for :meth:`request_sums`. ``compile`` (CPU, torch backend): run each observe step as one
     ``torch.compile``d function (True; the first call per input signature compiles, 5-30 s),
-    never (False), or — None — as ``$QMETRICS_TORCH_COMPILE`` says, else once
-    ``COMPILE_AFTER_LOGITS`` logits have been read eagerly. A server should pass True and make
-    one warm-up call per shape pattern before taking traffic. ``sample_every`` = k > 1
+    never (False), or — None — as ``$QMETRICS_TORCH_COMPILE`` says, else never (a compile
+    never starts by itself in the middle of traffic). A server should pass True and make one
+    warm-up call per shape pattern before taking traffic. ``sample_every`` = k > 1
     observes one position in k of every request (every k-th position from an offset that
     rotates from call to call; a decode step's one position: every k-th call), cutting the
     cost k-fold; token counts and windows then count the observed tokens. Means and
@@ -237,7 +234,6 @@ class OutputMonitor:
         self.compile = compile
         self.sample_every = sample_every
         self._calls = 0
-        self._logits_seen = 0
         self._request_log: list[torch.Tensor] = []  # closed requests' [S, R, 2] sums, in order
         self._logged = 0
 
@@ -296,14 +292,15 @@ class OutputMonitor:
             keep = mask.to(device=logits.device, dtype=torch.bool).reshape(-1)
         bucket = self._buckets[self._current]
         layout = (*bucket.hist.layout, bucket.hist.bins)
-        step = self._compiled_step(logits, labels, keep, layout)
+        compiled = want_compile(self.compile, logits.device, large=False)
+        step = self._compiled_step(logits, labels, keep, layout) if compiled else None
         if step is None:
             raw = output_stats_rows(
                 logits,
                 labels,
                 ignore_index=self.ignore_index,
                 backend=self.backend,
-                compile=self.compile,
+                compile=compiled,
             )
             step = token_moments(raw, keep, per_request, *layout)
         delta, hist, nonfinite, sums = step
@@ -321,7 +318,6 @@ class OutputMonitor:
         else:
             bucket.moments += delta
             self._log_requests(sums)
-        self._logits_seen += logits.numel()
         bucket.tokens += n_tok
         self.tokens_total += n_tok
         if self.bucket_tokens is not None and bucket.tokens >= self.bucket_tokens:
@@ -335,13 +331,9 @@ class OutputMonitor:
         keep: torch.Tensor | None,
         layout: tuple,
     ) -> tuple[torch.Tensor, ...] | None:
-        """:func:`_observe_plain` compiled, on the CPU when the compiled path is wanted
-        (``compile``; None: after ``COMPILE_AFTER_LOGITS`` eager logits) and a [R, T, V] view
-        exists; else None."""
+        """:func:`_observe_plain` compiled, for the torch backend on the CPU when a [R, T, V]
+        view exists; else None (the eager step runs)."""
         if resolve_backend(self.backend, logits.device) != "torch":
-            return None
-        large = self._logits_seen >= COMPILE_AFTER_LOGITS
-        if not want_compile(self.compile, logits.device, large):
             return None
         x3 = _request_view(logits.detach())
         if x3 is None:
