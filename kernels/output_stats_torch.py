@@ -126,10 +126,12 @@ _COMPILED = CompiledCPU(plain_output_stats, name="output_stats", dynamic=None, m
 
 
 def compiled_view(t: torch.Tensor) -> torch.Tensor:
-    """A view of ``t`` for the compiled function with all dims but the vocabulary marked
-    dynamic (a new row count does not recompile). A new tensor object: ``t`` is not marked."""
+    """A view of ``t`` for the compiled function with its token dims marked dynamic (a new row
+    count does not recompile): all dims of labels and masks, all but the last (the
+    vocabulary) of logits. A new tensor object: ``t`` itself is not marked."""
     view = t.view(t.shape)
-    for dim in range(t.dim() - 1 if t.dim() == 3 else t.dim()):
+    token_dims = t.dim() - 1 if t.is_floating_point() else t.dim()
+    for dim in range(token_dims):
         torch._dynamo.maybe_mark_dynamic(view, dim)
     return view
 
