@@ -35,7 +35,7 @@ or data-dependent shapes.
 from __future__ import annotations
 
 import torch
-from qmetrics.kernels.torch_compile import CompiledCPU, want_compile
+from qmetrics.kernels.torch_compile import CompiledCPU, compiled_view, want_compile
 
 #: Rows of the [6, N] fp32 result, in order (``finite`` is 1.0 or 0.0).
 OUTPUTS = ("entropy", "max_prob", "margin", "lse", "nll", "finite")
@@ -123,17 +123,6 @@ def plain_output_stats(
 # Dynamic leading dims: a call with another row count reuses the compiled code; a new
 # (dtype, V, strides pattern, labels or not) compiles once more, up to 8 of them.
 _COMPILED = CompiledCPU(plain_output_stats, name="output_stats", dynamic=None, max_signatures=8)
-
-
-def compiled_view(t: torch.Tensor) -> torch.Tensor:
-    """A view of ``t`` for the compiled function with its token dims marked dynamic (a new row
-    count does not recompile): all dims of labels and masks, all but the last (the
-    vocabulary) of logits. A new tensor object: ``t`` itself is not marked."""
-    view = t.view(t.shape)
-    token_dims = t.dim() - 1 if t.is_floating_point() else t.dim()
-    for dim in range(token_dims):
-        torch._dynamo.maybe_mark_dynamic(view, dim)
-    return view
 
 
 def compile_signature(x3: torch.Tensor, labels: torch.Tensor | None) -> tuple:

@@ -48,6 +48,17 @@ def want_compile(compile: bool | None, device: torch.device, large: bool) -> boo
     return large
 
 
+def compiled_view(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` for the compiled function with its token dims marked dynamic (a new row
+    count does not recompile): all dims of labels and masks, all but the last (the
+    vocabulary) of logits. A new tensor object: ``t`` itself is not marked."""
+    view = t.view(t.shape)
+    token_dims = t.dim() - 1 if t.is_floating_point() else t.dim()
+    for dim in range(token_dims):
+        torch._dynamo.maybe_mark_dynamic(view, dim)
+    return view
+
+
 class CompiledCPU:
     """``fn`` under ``torch.compile`` (``dynamic`` as torch.compile takes it), compiled lazily
     for at most ``max_signatures`` input signatures; ``name`` appears in the fallback warning."""

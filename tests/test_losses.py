@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from qmetrics.kernels.torch_compile import compiler_available
 
 from qmetrics.losses import DistillLoss, LinearDistillLoss, distill_loss, linear_distill_loss
 
@@ -344,3 +345,38 @@ def test_forward_and_backward_make_no_host_sync(backend, monkeypatch):
     (distill_loss(ref_student, teacher, labels, backend="torch") * 0.25).backward()
     torch.testing.assert_close(student.grad, ref_student.grad)
     assert h_s.grad is not None and w_s.grad is not None
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize(
+    ("divergence", "dtype"),
+    [("kl", torch.float32), ("reverse_kl", torch.float32), ("jsd", torch.float32),
+     ("kl", torch.bfloat16)],
+)  # fmt: skip
+def test_compiled_twin_equals_the_eager_one(divergence, dtype, monkeypatch):
+    """``QMETRICS_TORCH_COMPILE=1``: the compiled chunk function (chunks of 4 rows, the last
+    shorter) gives the eager twin's loss and gradient through the public API, NaN logits of
+    ignored tokens included, without falling back."""
+    import qmetrics.kernels.distill_loss_torch as twin
+
+    gen = torch.Generator().manual_seed(7)
+    student = torch.randn(3, 5, 301, generator=gen).to(dtype)
+    teacher = torch.randn(3, 5, 301, generator=gen).to(dtype)
+    labels = torch.randint(0, 301, (3, 5), generator=gen)
+    labels[0, 2] = labels[2, 4] = -100
+    student[0, 2] = float("nan")  # padding: never read into the loss or the gradient
+    monkeypatch.setattr(twin, "_COMPILED_CHUNK_ELEMENTS", 4 * 301)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("QMETRICS_TORCH_COMPILE", flag)
+        s = student.clone().requires_grad_()
+        loss = distill_loss(s, teacher, labels, divergence=divergence, beta=0.3,
+                            temperature=0.7, backend="torch")  # fmt: skip
+        (loss * 0.5).backward()
+        results[flag] = (loss.detach(), s.grad)
+    assert not twin._COMPILED.failed, "the compiled chunk function fell back to eager"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=tol, atol=1e-7)
+    torch.testing.assert_close(results["1"][1], results["0"][1], rtol=tol, atol=1e-6)
+    assert torch.isfinite(results["1"][1]).all()
+    assert (results["1"][1][0, 2] == 0).all() and (results["1"][1][2, 4] == 0).all()

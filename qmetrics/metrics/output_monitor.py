@@ -29,12 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qmetrics.kernels.output_stats_torch import (
-    compile_signature,
-    compiled_view,
-    plain_output_stats,
-)
-from qmetrics.kernels.torch_compile import CompiledCPU, want_compile
+from qmetrics.kernels.output_stats_torch import compile_signature, plain_output_stats
+from qmetrics.kernels.torch_compile import CompiledCPU, compiled_view, want_compile
 from qmetrics.metrics.drift import (
     GRIDS,
     STATISTICS,
