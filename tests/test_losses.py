@@ -380,3 +380,30 @@ def test_compiled_twin_equals_the_eager_one(divergence, dtype, monkeypatch):
     torch.testing.assert_close(results["1"][1], results["0"][1], rtol=tol, atol=1e-6)
     assert torch.isfinite(results["1"][1]).all()
     assert (results["1"][1][0, 2] == 0).all() and (results["1"][1][2, 4] == 0).all()
+
+
+def test_backward_scales_in_place_unless_the_graph_is_kept():
+    """Without ``retain_graph`` the stored gradient is scaled in place and handed on as
+    ``student.grad`` (same storage: no second [N, V] tensor); with it, a second backward gives
+    the same gradient again (the stored one was left intact)."""
+    gen = torch.Generator().manual_seed(9)
+    student = torch.randn(4, 6, 50, generator=gen, requires_grad=True)
+    teacher = torch.randn(4, 6, 50, generator=gen)
+    labels = torch.randint(0, 50, (4, 6), generator=gen)
+    labels[1, 2] = -100
+    stored: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == (24, 50):
+            stored.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = distill_loss(student, teacher, labels, backend="torch")
+    (loss * 3.0).backward(retain_graph=True)
+    first = student.grad.clone()
+    assert student.grad.data_ptr() != stored[0]  # kept graph: a new tensor
+    student.grad = None
+    (loss * 3.0).backward()
+    torch.testing.assert_close(student.grad, first)
+    assert student.grad.data_ptr() == stored[0]  # last backward: the stored one, scaled

@@ -14,9 +14,9 @@ output heads and never holds more than a chunk of tokens' logits. The ops are in
 
 No host synchronisation in the forward or the backward: the "mean" weight 1/#counted tokens
 stays a device scalar that the kernels read, and the backward always multiplies the stored
-gradient by the incoming one (no test for 1, which would read the device). That product is a
-new tensor — the stored gradient stays intact for a second backward (``retain_graph``,
-``gradcheck``) — so the backward briefly holds two [N, V] gradients in the student's dtype.
+gradient by the incoming one (no test for 1, which would read the device): in place when the
+graph is not kept, so no second [N, V] gradient exists; into a new tensor when it is kept for
+another backward (``retain_graph``, ``gradcheck``), leaving the stored one intact.
 """
 
 from __future__ import annotations
@@ -169,9 +169,17 @@ def _reduce(
 def _scaled(
     grads: tuple[torch.Tensor | None, ...], grad_output: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
-    """The stored gradients times the incoming scalar gradient: new tensors, always (testing
-    for 1 would be a host sync; scaling in place would break a second backward)."""
-    return tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
+    """The stored gradients times the incoming scalar gradient, always (testing for 1 would
+    be a host sync): in place when this backward is the graph's last (no copy: autograd then
+    hands the stored tensor on as the gradient), as new tensors when the graph is kept for
+    another backward (``retain_graph``, ``gradcheck``)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph():
+        return tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
+    for g in grads:
+        if g is not None:
+            g.mul_(grad_output.to(g.dtype))
+    return grads
 
 
 # ----------------------------------------------------------------------------- from logits
