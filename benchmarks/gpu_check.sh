@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the benchmark table (`qmetrics bench --device cuda`, the command users
 # run), the kernel's launch-shape sweep and the test suite on the GPU (compiled Triton kernels,
-# not the interpreter), writing everything to OUT_DIR. At most about 7 minutes (each step has a
-# timeout: 180 + 80 + 170 s, plus the install).
+# not the interpreter), writing everything to OUT_DIR. At most about 8 minutes (each step has a
+# timeout: 180 + 80 + 40 + 170 s, plus the install).
 #   bash benchmarks/gpu_check.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
@@ -34,7 +34,11 @@ print(md(json.load(open(sys.argv[1]))))" "$out/bench.json" >"$out/bench.md" 2>&1
 # 2. The launch-shape sweep of the fused kernel (tile width x warps), to pick the defaults.
 timeout 80 python3 -m benchmarks.tune_logit_kernel --out "$out" 2>&1 | tee "$out/tune.txt"
 tune_rc=${PIPESTATUS[0]}
-# 3. The test suite on the GPU; tests whose extras are missing there (lm-eval, datasets) skip
+# 3. The output monitor's cost beside the forward on the GPU (issue 13: < 2% of the forward).
+timeout 40 python3 -m benchmarks.monitor_overhead --device cuda --repeats 11 2>&1 \
+  | tee "$out/monitor_overhead.txt"
+monitor_rc=${PIPESTATUS[0]}
+# 4. The test suite on the GPU; tests whose extras are missing there (lm-eval, datasets) skip
 # themselves. Last, because compiling every kernel specialization takes most of its time.
 # Every kernel specialization compiles once per process: spread them over 8 workers when
 # pytest-xdist is there (it is on the lent machines' image).
@@ -43,5 +47,6 @@ parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 QMETRICS_TEST_DEVICE=cuda timeout 170 python3 -m pytest tests -q -p no:cacheprovider $parallel \
   --continue-on-collection-errors --ignore=tests/test_sm90_compile.py 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
-echo "benchmark exit $bench_rc, tuning exit $tune_rc, tests exit $tests_rc" | tee -a "$out/device.txt"
-exit $(( bench_rc || tune_rc || tests_rc ))
+echo "benchmark exit $bench_rc, tuning exit $tune_rc, monitor exit $monitor_rc," \
+  "tests exit $tests_rc" | tee -a "$out/device.txt"
+exit $(( bench_rc || tune_rc || monitor_rc || tests_rc ))

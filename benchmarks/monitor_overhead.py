@@ -14,7 +14,10 @@ difference says the same within the forward's own noise, which on a shared CPU i
   matmul is the "forward" — a lower bound of a real model's forward, so the ratio is an upper
   bound of the monitor's share.
 
-Usage: ``python -m benchmarks.monitor_overhead [--threads 1] [--repeats 21]``. The monitor's
+Usage: ``python -m benchmarks.monitor_overhead [--threads 1] [--repeats 21] [--device cuda]``.
+On CUDA (``benchmarks/gpu_check.sh``) every call is followed by a synchronize, the op is the
+Triton kernel and the epilogue runs eagerly ("compiled" = "eager" there: ``compile`` is a CPU
+option). The monitor's
 cost is one pass over the logits (exp-bound: ~1 ns per logit on one core, compiled) plus a
 small fused epilogue and ~0.1 ms of per-call overhead; eagerly, ~10 passes per chunk and a
 few dozen small ops.
@@ -38,17 +41,23 @@ Case = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor, OutputMonitor],
 
 
 def side_by_side(
-    cases: dict[str, Callable[[], object]], repeats: int, mean: tuple[str, ...] = ()
+    cases: dict[str, Callable[[], object]],
+    repeats: int,
+    mean: tuple[str, ...] = (),
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Median seconds of each callable (the mean for those named in ``mean``: a sampling
-    monitor's cost differs from call to call), timed round-robin (one of each per round)."""
+    monitor's cost differs from call to call), timed round-robin (one of each per round);
+    ``sync`` waits for the device after each call."""
     for fn in cases.values():  # warm-up (and compile)
         fn()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {
         name: (statistics.fmean if name in mean else statistics.median)(ts)
@@ -56,11 +65,11 @@ def side_by_side(
     }
 
 
-def demo_case(batch: int, length: int) -> Case:
+def demo_case(batch: int, length: int, device: str = "cpu") -> Case:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
-    ids = torch.randint(3, model.config.vocab_size, (batch, length))
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval().to(device)
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), device=device)
 
     @torch.no_grad()
     def forward() -> torch.Tensor:
@@ -75,11 +84,11 @@ def demo_case(batch: int, length: int) -> Case:
     return forward, observe
 
 
-def head_case(tokens: int, hidden: int = 4096, vocab: int = 128256) -> Case:
+def head_case(tokens: int, device: str = "cpu", hidden: int = 4096, vocab: int = 128256) -> Case:
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=g)
-    head = torch.randn(vocab, hidden, generator=g) / hidden**0.5
-    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    h = torch.randn(tokens, hidden, generator=g).to(device)
+    head = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device)
+    labels = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
 
     def forward() -> torch.Tensor:
         return (h @ head.T)[None]
@@ -90,7 +99,9 @@ def head_case(tokens: int, hidden: int = 4096, vocab: int = 128256) -> Case:
     return forward, observe
 
 
-def measure(case: Case, repeats: int, sample_every: int) -> dict[str, float]:
+def measure(
+    case: Case, repeats: int, sample_every: int, sync: Callable[[], None]
+) -> dict[str, float]:
     """Median seconds of: forward, observe (compiled / eager / compiled sampling one position
     in ``sample_every``) on one forward's logits, and forward + compiled observe."""
     forward, observe = case
@@ -110,6 +121,7 @@ def measure(case: Case, repeats: int, sample_every: int) -> dict[str, float]:
         },
         -(-repeats // sample_every) * sample_every,  # whole cycles of the sampling monitor
         mean=("sampled",),
+        sync=sync,
     )
 
 
@@ -118,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--sample-every", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
+    dev = args.device
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    where = torch.cuda.get_device_name() if dev.startswith("cuda") else f"{args.threads} thread(s)"
+    print(f"torch {torch.__version__}, {dev}: {where}, median of {args.repeats}")
     k = args.sample_every
     print(
         "| case | forward ms | observe, compiled ms | overhead | end to end |"
@@ -128,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     cases = {
-        "demo model, scoring [4, 128], V=4096": lambda: demo_case(4, 128),
-        "demo model, decode step [4, 1], V=4096": lambda: demo_case(4, 1),
-        "V=128256 head (hidden 4096), 64 tokens": lambda: head_case(64),
-        "V=128256 head (hidden 4096), 1 token": lambda: head_case(1),
+        "demo model, scoring [4, 128], V=4096": lambda: demo_case(4, 128, dev),
+        "demo model, decode step [4, 1], V=4096": lambda: demo_case(4, 1, dev),
+        "V=128256 head (hidden 4096), 64 tokens": lambda: head_case(64, dev),
+        "V=128256 head (hidden 4096), 1 token": lambda: head_case(1, dev),
     }
     for name, make in cases.items():
-        t = measure(make(), args.repeats, k)
+        t = measure(make(), args.repeats, k, sync)
         base = t["forward"]
         both = (t["forward+compiled"] - base) / base
         print(
