@@ -18,7 +18,7 @@ Extra memory is O(chunk·V): a handful of [chunk, V] planes per chunk.
 Two implementations of a chunk, with the same outputs (the plan of
 :mod:`qmetrics.kernels.logit_compare_torch`): eager in-place torch ops (~12 passes over the
 chunk), or :func:`plain_chunk` under ``torch.compile`` (:mod:`qmetrics.kernels.torch_compile`;
-inductor's fused loops write the gradient straight into its rows of the output; ~5× faster on
+inductor's fused loops write the gradient straight into its rows of the output; 2-5× faster on
 the CPU and unaffected by a busy second core), used for calls of at least
 ``COMPILE_MIN_ELEMENTS`` logits or as ``compile``/``$QMETRICS_TORCH_COMPILE`` say. Chunks have
 dynamic row counts: the last, shorter one does not recompile.
