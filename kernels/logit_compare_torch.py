@@ -47,6 +47,7 @@ neither ``ignore_index`` nor in [0, V) is never read: its token gets NaN ``nll_*
 from __future__ import annotations
 
 import torch
+from qmetrics.kernels.row_views import as_3d
 from qmetrics.kernels.torch_compile import CompiledCPU, want_compile
 
 # About 3 MiB of fp32 per [chunk, V] plane (24 rows at V = 32k): large enough to amortise
@@ -370,16 +371,6 @@ def _masked_rows(x: torch.Tensor, y: torch.Tensor, top_k: int) -> dict[str, torc
 _COMPILED = CompiledCPU(_plain_stats, name="compare_logits", dynamic=False, max_signatures=6)
 
 
-def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t`` [N, V] or [B, T, V] (last stride 1) as a [B, T, V] view."""
-    if t.dim() not in (2, 3):
-        raise ValueError(f"{name} must be [N, V] or [B, T, V], got shape {tuple(t.shape)}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
-    t = t.detach()
-    return t.unsqueeze(0) if t.dim() == 2 else t
-
-
 def _row_stride(t: torch.Tensor) -> int | None:
     """The one row stride of a [B, T, V] view whose B·T rows are equally spaced, else None."""
     b, s, _ = t.shape
@@ -422,7 +413,7 @@ def logit_compare_torch(
     entries) is given. ``compile``: use the ``torch.compile``d chunk function (None: see the
     module docstring). Makes no host sync on the CPU beyond ``nonzero`` (no ``item``/``bool``).
     """
-    ref3, quant3 = _as_3d(ref, "ref"), _as_3d(quant, "quant")
+    ref3, quant3 = as_3d(ref, "ref"), as_3d(quant, "quant")
     if ref3.shape != quant3.shape:
         raise ValueError(f"ref {tuple(ref.shape)} and quant {tuple(quant.shape)} differ in shape")
     nb, nt, vocab = ref3.shape

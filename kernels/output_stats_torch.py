@@ -35,6 +35,7 @@ or data-dependent shapes.
 from __future__ import annotations
 
 import torch
+from qmetrics.kernels.row_views import as_3d
 from qmetrics.kernels.torch_compile import CompiledCPU, compiled_view, want_compile
 
 #: Rows of the [6, N] fp32 result, in order (``finite`` is 1.0 or 0.0).
@@ -133,16 +134,6 @@ def compile_signature(x3: torch.Tensor, labels: torch.Tensor | None) -> tuple:
     return (x3.dtype, vocab, layout, labels is None)
 
 
-def _as_3d(logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` [N, V] or [B, T, V] (last stride 1) as a [B, T, V] view."""
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        raise ValueError(f"logits must have a contiguous last dim, got strides {logits.stride()}")
-    logits = logits.detach()
-    return logits.unsqueeze(0) if logits.dim() == 2 else logits
-
-
 def output_stats_torch(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
@@ -155,7 +146,7 @@ def output_stats_torch(
     N = B·T rows of ``logits`` [N, V] or [B, T, V], in row chunks (views, never copied).
     ``labels``: N int64 entries on the logits' device, or None (``nll`` row NaN).
     ``compile``: use the compiled function (None: the module docstring says when)."""
-    x3 = _as_3d(logits)
+    x3 = as_3d(logits, "logits")
     nb, nt, vocab = x3.shape
     n = nb * nt
     dev = x3.device
