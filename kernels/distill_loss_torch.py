@@ -29,14 +29,17 @@ from __future__ import annotations
 import math
 
 import torch
-from qmetrics.kernels.torch_compile import CompiledCPU, compiled_view, want_compile
+from qmetrics.kernels.torch_compile import (
+    COMPILE_MIN_ELEMENTS,
+    CompiledCPU,
+    compiled_view,
+    want_compile,
+)
 
 # About 4 MiB of fp32 per [chunk, V] plane (32 rows at V = 32k).
 _CHUNK_ELEMENTS = 1 << 20
 # Compiled chunks are larger (fewer calls; inductor keeps ~1 temporary plane).
 _COMPILED_CHUNK_ELEMENTS = 1 << 22
-#: Calls of at least this many logits use the compiled chunk function, unless told otherwise.
-COMPILE_MIN_ELEMENTS = 1 << 22
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 

@@ -48,13 +48,11 @@ from __future__ import annotations
 
 import torch
 from qmetrics.kernels.row_views import as_3d
-from qmetrics.kernels.torch_compile import CompiledCPU, want_compile
+from qmetrics.kernels.torch_compile import COMPILE_MIN_ELEMENTS, CompiledCPU, want_compile
 
 # About 3 MiB of fp32 per [chunk, V] plane (24 rows at V = 32k): large enough to amortise
 # per-op overhead, small enough for the ~12 planes in use to stay in the last-level cache.
 _CHUNK_ELEMENTS = 24 * 32768
-#: Inputs of at least this many logits (and 128 rows) use the compiled function, unless off.
-COMPILE_MIN_ELEMENTS = 1 << 22
 _FLOAT_OUT = (
     "kl", "reverse_kl", "entropy_ref", "entropy_quant", "cosine", "mse", "lse_ref", "lse_quant",
 )  # fmt: skip

@@ -36,14 +36,17 @@ from __future__ import annotations
 
 import torch
 from qmetrics.kernels.row_views import as_3d
-from qmetrics.kernels.torch_compile import CompiledCPU, compiled_view, want_compile
+from qmetrics.kernels.torch_compile import (
+    COMPILE_MIN_ELEMENTS,
+    CompiledCPU,
+    compiled_view,
+    want_compile,
+)
 
 #: Rows of the [6, N] fp32 result, in order (``finite`` is 1.0 or 0.0).
 OUTPUTS = ("entropy", "max_prob", "margin", "lse", "nll", "finite")
 # About 1 MiB of fp32 per [chunk, V] buffer: three buffers stay in the last-level cache.
 _CHUNK_ELEMENTS = 1 << 18
-#: Calls of at least this many logits use the compiled function, unless told otherwise.
-COMPILE_MIN_ELEMENTS = 1 << 22
 
 
 class _Buffers:

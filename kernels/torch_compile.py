@@ -25,6 +25,9 @@ from collections.abc import Callable, Hashable
 import torch
 
 ENV = "QMETRICS_TORCH_COMPILE"
+#: Calls of at least this many logits are large enough to be worth a compile (the twins'
+#: ``large`` unless told otherwise).
+COMPILE_MIN_ELEMENTS = 1 << 22
 
 
 def compiler_available() -> bool:
