@@ -4,12 +4,15 @@ Each case is timed round-robin in one run, median of ``--repeats`` rounds after 
 (which also compiles): the forward alone; ``observe`` alone on that forward's logits, with the
 compiled CPU step (``OutputMonitor(compile=True)``), eagerly (``compile=False``), and compiled
 observing one position in ``--sample-every`` (``sample_every``; a decode step: one call in
-k; its mean over whole cycles of k calls, not the median); and forward + compiled observe
-end to end. The overhead is observe / forward (the end-to-end
+k); and forward + compiled observe end to end. A monitor whose cost differs from call to call
+is timed by its mean over whole cycles (the median would hide the calls that do the work): the
+sampling one, and on decode steps every one (steps are gathered and observed ``decode_batch``
+at a time, ``OutputMonitor``'s default). The overhead is observe / forward (the end-to-end
 difference says the same within the forward's own noise, which on a shared CPU is a few %).
 
 - the bundled demo model (V = 4096, hidden 192, 4 layers) on a scoring call [4, 128] with
-  labels, and on a decode step (one position, the request continuing);
+  labels, and on a decode step (one position, the request continuing: gathered, a full batch
+  observed in one pass every ``decode_batch`` steps);
 - a V = 128,256 output head (hidden 4096, Llama-3-8B's shapes; fp32 on the CPU): the head's
   matmul is the "forward" — a lower bound of a real model's forward, so the ratio is an upper
   bound of the monitor's share.
@@ -20,7 +23,7 @@ Triton kernel and the epilogue runs eagerly ("compiled" = "eager" there: ``compi
 option). The monitor's
 cost is one pass over the logits (exp-bound: ~1 ns per logit on one core, compiled) plus a
 small fused epilogue and ~0.1 ms of per-call overhead; eagerly, ~10 passes per chunk and a
-few dozen small ops.
+few dozen small ops. A gathered decode step costs a copy of its logits.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import torch
 from qmetrics.metrics.output_monitor import OutputMonitor
 
 DEMO = Path(__file__).resolve().parents[1] / "qmetrics" / "demo_model"
-# a case: the forward, and how its logits are observed (logits, monitor) -> None
-Case = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor, OutputMonitor], None]]
+# a case: the forward, how its logits are observed (logits, monitor) -> None, and how many
+# calls make one pass of a monitor that gathers decode steps (1: every call is a pass)
+Case = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor, OutputMonitor], None], int]
 
 
 def side_by_side(
@@ -78,10 +82,10 @@ def demo_case(batch: int, length: int, device: str = "cpu") -> Case:
     def observe(logits: torch.Tensor, monitor: OutputMonitor) -> None:
         if length > 1:  # scoring: every position, next tokens as labels
             monitor.observe(logits[:, :-1], ids[:, 1:])
-        else:  # a decode step: the last position, its request continuing
-            monitor.observe(logits[:, -1:], continues=True)
+        else:  # a decode step ([4, 1, V]), its requests continuing: as attach() observes it
+            monitor.observe(logits, continues=True)
 
-    return forward, observe
+    return forward, observe, (1 if length > 1 else OutputMonitor().decode_batch)
 
 
 def head_case(tokens: int, device: str = "cpu", hidden: int = 4096, vocab: int = 128256) -> Case:
@@ -96,21 +100,26 @@ def head_case(tokens: int, device: str = "cpu", hidden: int = 4096, vocab: int =
     def observe(logits: torch.Tensor, monitor: OutputMonitor) -> None:
         monitor.observe(logits, labels)
 
-    return forward, observe
+    return forward, observe, 1
 
 
 def measure(
     case: Case, repeats: int, sample_every: int, sync: Callable[[], None]
 ) -> dict[str, float]:
-    """Median seconds of: forward, observe (compiled / eager / compiled sampling one position
-    in ``sample_every``) on one forward's logits, and forward + compiled observe."""
-    forward, observe = case
+    """Seconds of: forward, observe (compiled / eager / compiled sampling one position in
+    ``sample_every``) on one forward's logits, and forward + compiled observe (medians; means
+    over whole cycles where the cost differs from call to call)."""
+    forward, observe, gathered = case
     logits = forward()
     compiled = OutputMonitor(window_tokens=65536, compile=True)
     eager = OutputMonitor(window_tokens=65536, compile=False)
     sampled = OutputMonitor(window_tokens=65536, compile=True, sample_every=sample_every)
-    for _ in range(2 * sample_every):  # compiles each view pattern the sampling offsets make
+    cycle = sample_every * gathered
+    for _ in range(2 * cycle):  # compiles each view pattern the sampling offsets make
         observe(logits, sampled)
+    for _ in range(gathered + 1):  # a full pass of gathered steps compiles
+        observe(logits, compiled)
+    varies = ("forward", "compiled", "eager", "forward+compiled") if gathered > 1 else ()
     return side_by_side(
         {
             "forward": forward,
@@ -119,8 +128,8 @@ def measure(
             "sampled": lambda: observe(logits, sampled),
             "forward+compiled": lambda: observe(forward(), compiled),
         },
-        -(-repeats // sample_every) * sample_every,  # whole cycles of the sampling monitor
-        mean=("sampled",),
+        -(-repeats // cycle) * cycle,  # whole cycles of the sampling monitor
+        mean=("sampled", *varies),
         sync=sync,
     )
 

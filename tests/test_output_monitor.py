@@ -25,6 +25,7 @@ from qmetrics.metrics.drift import (
 from qmetrics.metrics.output_monitor import OutputMonitor
 from qmetrics.metrics.output_stats import output_stats
 from qmetrics.reports.monitor import monitor_records, prometheus_text, read_jsonl, write_jsonl
+from tests.conftest import HAS_TRITON, TEST_DEVICE
 from tests.test_no_sync import no_host_reads
 
 
@@ -113,8 +114,10 @@ def test_observe_makes_no_host_sync() -> None:
         for _ in range(3):
             mon.observe(x, labels)
             mon.observe(x[:, :2], continues=True)
+            for t in range(3):  # decode steps: gathered, then observed by end_requests
+                mon.observe(x[:, t : t + 1], continues=True)
             mon.end_requests()
-    assert mon.tokens_total == 3 * 14
+    assert mon.tokens_total == 3 * 20
 
 
 def _mixed_traffic(mon: OutputMonitor, seed: int = 0) -> None:
@@ -184,6 +187,112 @@ def test_sampling_observes_every_kth_position_as_views() -> None:
         sampled.observe(_logits(2, 1), mask=torch.ones(3, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="sample_every"):
         OutputMonitor(sample_every=0)
+
+
+def _generation(mon: OutputMonitor, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Decode steps as ``attach`` sees them (the last position of [R, T, V] logits, a view), a
+    NaN step, a read in the middle of a request, a scoring call while steps are gathered, a
+    batch of another size and one-request [V] steps; the snapshot and the request sums."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (3 * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
+
+    for step in range(11):
+        x = rand(3, 4, 257)
+        if step == 5:
+            x[1, -1, 9] = float("nan")
+        mon.observe(x[:, -1:], continues=True)
+        if step == 6:
+            mon.snapshot()  # observes the gathered steps; the requests stay open
+    mon.observe(rand(2, 6, 257), torch.randint(0, 257, (2, 6), generator=g).to(device))
+    mon.observe(rand(3, 1, 257), continues=True)
+    mon.end_requests()
+    for _ in range(6):
+        mon.observe(rand(2, 1, 257), continues=True)
+    mon.end_requests()
+    for _ in range(3):
+        mon.observe(rand(257), continues=True)
+    mon.end_requests()
+    return {"snapshot": mon.snapshot(), "requests": mon.request_sums()}
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "eager",
+        pytest.param(
+            "compiled",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler"),
+            ],
+        ),
+        pytest.param(
+            "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+        ),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_decode_steps_equal_steps_observed_one_by_one(
+    mode: str, dtype: torch.dtype
+) -> None:
+    """``decode_batch=4``: steps observed in batches of 4 (full, and the partial batches a read,
+    another call or ``end_requests`` observe) give what observing each step does, in fp32 and
+    bf16, eagerly, compiled (another count of steps does not compile again) and with the
+    Triton kernel (on ``TEST_DEVICE``: the interpreter on the CPU)."""
+    device = TEST_DEVICE if mode == "triton" else "cpu"
+    backend = "triton" if mode == "triton" else "torch"
+    kw = dict(keep_requests=20, compile=mode == "compiled", window_tokens=1000, buckets=2)
+    gathered = OutputMonitor(decode_batch=4, backend=backend, **kw)
+    one_by_one = OutputMonitor(decode_batch=1, backend=backend, **kw)
+    got, want = _generation(gathered, dtype, device), _generation(one_by_one, dtype, device)
+    assert gathered._decode is not None and one_by_one._decode is None
+    assert not output_monitor._COMPILED.failed, "the compiled step fell back to eager"
+    assert got["snapshot"]["tokens_total"] == 3 * 12 + 12 + 12 + 3
+    assert got["snapshot"]["window"] == want["snapshot"]["window"]
+    assert got["snapshot"]["window"]["nonfinite"] == 1
+    for name, stat in want["snapshot"]["stats"].items():
+        assert stat["requests"] == (3 + 2 + 2 + 1 if name != "nll" else 2)
+        for key, value in stat.items():
+            got_value = got["snapshot"]["stats"][name][key]
+            assert got_value == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+    np.testing.assert_allclose(got["requests"], want["requests"], rtol=1e-6)
+    if mode == "compiled":
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for steps in (3, 2, 1, 4):  # 1, 2, 3 and 4 steps were observed as a batch above
+            for _ in range(steps):
+                gathered.observe(_logits(3, 1, v=257).to(dtype), continues=True)
+            gathered.end_requests()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_gathered_decode_steps_are_copies_within_a_memory_bound(monkeypatch) -> None:
+    """A gathered step is a copy (the caller may reuse its tensor); steps are gathered only
+    while two fit in ``DECODE_BUFFER_BYTES``; a batch of another size is refused at once."""
+    x = _logits(2, 3, v=64)
+    want = OutputMonitor(decode_batch=1)
+    for t in range(3):
+        want.observe(x[:, t : t + 1], continues=True)
+    mon = OutputMonitor()
+    step = torch.empty(2, 1, 64)
+    for t in range(3):
+        mon.observe(step.copy_(x[:, t : t + 1]), continues=True)
+    step.fill_(float("nan"))
+    assert mon.tokens_total == 0  # gathered, not observed yet
+    with pytest.raises(ValueError, match="3 continuing requests, but 2 are open"):
+        mon.observe(_logits(3, 1, v=64), continues=True)
+    assert mon.snapshot() == want.snapshot()
+    mon.end_requests()
+    mon.observe(_logits(3, 2, v=64), continues=True)  # 3 requests open; the buffer holds 2
+    with pytest.raises(ValueError, match="2 continuing requests, but 3 are open"):
+        mon.observe(x[:, :1], continues=True)
+    monkeypatch.setattr(output_monitor, "DECODE_BUFFER_BYTES", 2 * 64 * 4 * 2 - 1)
+    small = OutputMonitor()
+    small.observe(x[:, :1], continues=True)
+    assert small._decode is None and small.tokens_total == 2
+    with pytest.raises(ValueError, match="decode_batch"):
+        OutputMonitor(decode_batch=0)
 
 
 def test_bad_input() -> None:
