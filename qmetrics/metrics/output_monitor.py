@@ -317,7 +317,9 @@ class OutputMonitor:
     ) -> None:
         """Add the tokens of ``logits`` [..., V] (``labels`` shaped like the leading dims for
         the NLL; ``mask``: bool, False for tokens to skip, e.g. padding). ``continues``: the
-        requests (rows) stay open across calls until :meth:`end_requests`. Sync-free."""
+        requests (rows) stay open across calls until :meth:`end_requests`; a decode step (one
+        position per request, no labels or mask) is gathered with the following ones and
+        observed with them in one pass (module docstring). Sync-free."""
         buf = self._decode
         if (
             continues
