@@ -75,7 +75,7 @@ VIEWS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("view", sorted(VIEWS))
 def test_strided_views_equal_the_contiguous_result(view, dtype):
-    ref, quant = pair((2, 5, 203), seed=len(view), dtype=dtype)
+    ref, quant = pair((2, 3, 203), seed=len(view), dtype=dtype)  # 6 rows: the interpreter is slow
     r, q = VIEWS[view](ref), VIEWS[view](quant)
     labels = torch.randint(0, r.shape[-1], r.shape[:-1], generator=torch.Generator().manual_seed(1))
     got = launch(r, q, labels.reshape(-1), block_v=64, splits=2)
@@ -86,8 +86,8 @@ def test_strided_views_equal_the_contiguous_result(view, dtype):
 
 def test_ref_and_quant_with_different_layouts():
     # ref misaligned by one element, quant contiguous: no common head, so no alignment hints
-    ref, quant = pair((3, 4, 131), seed=3)
-    big = torch.zeros(3, 4, 132)
+    ref, quant = pair((2, 3, 131), seed=3)
+    big = torch.zeros(2, 3, 132)
     big[..., 1:] = ref
     r = big[..., 1:]
     assert r.data_ptr() % 16 != quant.data_ptr() % 16
