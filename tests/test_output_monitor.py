@@ -217,23 +217,24 @@ def _generation(mon: OutputMonitor, dtype: torch.dtype, device: str = "cpu") -> 
     return {"snapshot": mon.snapshot(), "requests": mon.request_sums()}
 
 
+_COMPILED_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler"),
+]
+_TRITON_MARKS = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
 @pytest.mark.parametrize(
-    "mode",
+    ("mode", "dtype"),
     [
-        "eager",
-        pytest.param(
-            "compiled",
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.skipif(not compiler_available(), reason="needs a C++ compiler"),
-            ],
-        ),
-        pytest.param(
-            "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-        ),
+        ("eager", torch.float32),
+        ("eager", torch.bfloat16),
+        # one dtype compiled: each compile costs 5-30 s, and the dtype is the op's concern
+        pytest.param("compiled", torch.float32, marks=_COMPILED_MARKS),
+        pytest.param("triton", torch.float32, marks=_TRITON_MARKS),
+        pytest.param("triton", torch.bfloat16, marks=_TRITON_MARKS),
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gathered_decode_steps_equal_steps_observed_one_by_one(
     mode: str, dtype: torch.dtype
 ) -> None:
