@@ -82,6 +82,7 @@ import torch
 
 from qmetrics.metrics.estimate import Distribution, Estimate, chan_merge
 from qmetrics.metrics.functional import Backend, check_backend, compare_logits
+from qmetrics.metrics.inference_mode import outside_inference_mode
 from qmetrics.metrics.json_values import json_float
 from qmetrics.metrics.quantile_sketch import QuantileSketch
 from qmetrics.metrics.token_metrics import FLOAT_FIELDS, TokenMetrics
@@ -381,6 +382,7 @@ class LogitStats:
         pending = self._pending.seen if self._pending is not None else 0
         return int(self._state["seen"]) + pending
 
+    @outside_inference_mode
     def update(
         self,
         ref: torch.Tensor,
@@ -408,6 +410,7 @@ class LogitStats:
             assert self._pending is not None
             self._pending.count_bad_labels(labels, ref.shape[-1], self.ignore_index)
 
+    @outside_inference_mode
     def update_metrics(self, tm: TokenMetrics, *, sequence_ids: torch.Tensor | None = None) -> None:
         """Fold in precomputed per-token metrics (e.g. from :func:`qmetrics.compare_logits`).
 

@@ -51,6 +51,7 @@ from qmetrics.metrics.drift import (
 )
 from qmetrics.metrics.fixed_histogram import FixedHistogram, bin_counts
 from qmetrics.metrics.functional import Backend, check_backend, resolve_backend
+from qmetrics.metrics.inference_mode import outside_inference_mode
 from qmetrics.metrics.output_stats import check_logits, checked_labels, output_stats_rows
 from qmetrics.metrics.validation import check_labels
 
@@ -339,6 +340,7 @@ class OutputMonitor:
             return
         self._observe(logits, labels, mask, continues)
 
+    @outside_inference_mode
     @torch.no_grad()
     def _observe(
         self,
@@ -446,6 +448,7 @@ class OutputMonitor:
             self._observe_gathered()
         return True
 
+    @outside_inference_mode
     @torch.no_grad()
     def _observe_gathered(self) -> None:
         """Observe the gathered decode steps (one pass over the [R, steps, V] view) and empty
