@@ -152,6 +152,12 @@ def _sample_positions(
     return logits, labels, mask
 
 
+def _request_length(lead: torch.Size) -> int:
+    """Tokens per request of logits with leading shape ``lead``: the last leading dim (a row
+    of [..., T, V]), or all of them for [T, V]/[V] (one request)."""
+    return lead[-1] if len(lead) >= 2 else lead.numel()
+
+
 def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
     """``logits`` [..., T, V] as a [R, T, V] view (one request per row of T tokens; [T, V]
     is one request), or None when no such view exists (the eager path handles it)."""
@@ -330,7 +336,7 @@ class OutputMonitor:
             and self.sample_every == 1
             and isinstance(logits, torch.Tensor)
             and buf.takes(logits)
-            and (self._open is None or self._open.shape[1] == buf.requests)
+            and self._open_requests() in (None, buf.requests)
         ):
             # the next step of the gathered requests, shaped as the first one (checked then):
             # one copy; the fewer operations, the less a decode step pays for cold caches
@@ -368,8 +374,8 @@ class OutputMonitor:
             logits, labels, mask = sampled
             lead = logits.shape[:-1]
         n_tok = lead.numel()
-        per_request = lead[-1] if len(lead) >= 2 else n_tok
-        decode_step = continues and per_request == 1 and labels is None and mask is None
+        one_each = _request_length(lead) == 1
+        decode_step = continues and one_each and labels is None and mask is None
         if decode_step and self._gather_decode_step(logits, n_tok):
             return
         self._observe_gathered()
@@ -388,8 +394,7 @@ class OutputMonitor:
     ) -> None:
         """Add checked ``logits`` [..., T, V] (requests of T tokens; ``keep``: N bools or None)
         to the current bucket as ``n_tok`` tokens."""
-        lead = logits.shape[:-1]
-        per_request = lead[-1] if len(lead) >= 2 else lead.numel()
+        per_request = _request_length(logits.shape[:-1])
         bucket = self._buckets[self._current]
         layout = (*bucket.hist.layout, bucket.hist.bins)
         compiled = want_compile(self.compile, logits.device, large=False)
@@ -420,12 +425,16 @@ class OutputMonitor:
             self._current = (self._current + 1) % self.n_buckets
             self._buckets[self._current].reset(self.tokens_total)
 
+    def _open_requests(self) -> int | None:
+        """How many continuing requests are open (gathered steps, or sums), None if none."""
+        gathered = self._decode
+        if gathered is not None and gathered.steps > 0:
+            return gathered.requests
+        return None if self._open is None else self._open.shape[1]
+
     def _check_open(self, requests: int) -> None:
         """Raise unless ``requests`` continuing requests match the open ones (if any)."""
-        gathered = self._decode
-        open_ = self._open.shape[1] if self._open is not None else None
-        if gathered is not None and gathered.steps > 0:
-            open_ = gathered.requests
+        open_ = self._open_requests()
         if open_ is not None and open_ != requests:
             raise ValueError(
                 f"{requests} continuing requests, but {open_} are open: call end_requests() first"
