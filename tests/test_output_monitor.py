@@ -18,6 +18,7 @@ from qmetrics.metrics.drift import (
     MonitorProfile,
     Thresholds,
     check_window,
+    drift_values,
     ks_statistic,
     population_stability,
     psi_bins,
@@ -84,11 +85,47 @@ def test_rolling_window_keeps_the_last_tokens() -> None:
         mon.observe(_logits(1, 10, seed=k))
     s = mon.summary()
     assert mon.tokens_total == 100
-    # the current bucket was just cleared: the window is the 3 previous buckets
-    assert (s.first_token, s.tokens) == (70, 30)
-    assert s.stats["entropy"].count == 30
-    direct = torch.cat([output_stats(_logits(1, 10, seed=k)).entropy for k in (7, 8, 9)], 1)
+    # a full bucket is cleared by the next call, not before: the window is the last 4
+    assert (s.first_token, s.tokens) == (60, 40)
+    assert s.stats["entropy"].count == 40 and s.stats["entropy"].clusters == 4
+    direct = torch.cat([output_stats(_logits(1, 10, seed=k)).entropy for k in range(6, 10)], 1)
     assert s.stats["entropy"].mean == pytest.approx(direct.double().mean().item(), rel=1e-6)
+    mon.observe(_logits(1, 3, seed=10))  # clears the oldest bucket (tokens 60-69)
+    assert (mon.summary().first_token, mon.summary().tokens) == (70, 33)
+
+
+def test_requests_closing_as_their_bucket_fills_stay_in_the_window() -> None:
+    """A continuing request's clusters go to the bucket holding its last tokens, also when
+    those tokens fill it: the window's requests are those of its tokens (as when the
+    requests are observed whole)."""
+    chunked, whole = OutputMonitor(window_tokens=20, buckets=2), OutputMonitor(20, buckets=2)
+    for k in range(3):  # requests of 10 tokens, in chunks of 4 + 6: each fills a bucket
+        x = _logits(1, 10, seed=k)
+        chunked.observe(x[:, :4], continues=True)
+        chunked.observe(x[:, 4:], continues=True)
+        chunked.end_requests()
+        whole.observe(x)
+    a, b = chunked.summary().stats["entropy"], whole.summary().stats["entropy"]
+    assert (a.count, a.clusters) == (b.count, b.clusters) == (20, 2)
+    assert a.se == pytest.approx(b.se, rel=1e-9)
+
+
+def test_nonfinite_fraction_counts_scored_tokens_only() -> None:
+    """Masked tokens (padding) are neither non-finite nor finite: the fraction is over the
+    tokens scored."""
+    x = _logits(2, 10)
+    x[0, 3, :] = float("nan")
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 5:] = False
+    mon = OutputMonitor()
+    mon.observe(x, mask=mask)
+    s = mon.summary()
+    assert (s.tokens, s.nonfinite, s.stats["max_prob"].count) == (20, 1, 14)
+    assert s.nonfinite_fraction == pytest.approx(1 / 15)
+    profile = OutputMonitor()
+    profile.observe(_logits(2, 10, seed=5))
+    alarms = check_window(profile.fit_profile(), s)
+    assert alarms[0].name == "nonfinite_frac" and alarms[0].value == pytest.approx(1 / 15)
 
 
 def test_nonfinite_tokens_are_counted_never_averaged() -> None:
@@ -268,6 +305,22 @@ def test_gathered_decode_steps_equal_steps_observed_one_by_one(
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_gathered_decode_steps_roll_the_window_as_steps_one_by_one() -> None:
+    """With window buckets smaller than a batch of gathered steps, the batch is observed when
+    its steps fill the current bucket: every bucket holds the same tokens, sums and
+    histograms as when each step is observed by its own call."""
+    kw = dict(keep_requests=20, window_tokens=20, buckets=4)  # buckets of 5 tokens
+    gathered, one_by_one = OutputMonitor(decode_batch=4, **kw), OutputMonitor(decode_batch=1, **kw)
+    got, want = _generation(gathered, torch.float32), _generation(one_by_one, torch.float32)
+    assert gathered._decode is not None and got["snapshot"]["tokens_total"] == 63
+    assert got["snapshot"]["window"] == want["snapshot"]["window"]
+    assert gathered._current == one_by_one._current
+    for a, b in zip(gathered._buckets, one_by_one._buckets, strict=True):
+        assert (a.tokens, a.first_token) == (b.tokens, b.first_token)
+        torch.testing.assert_close(a.moments, b.moments, rtol=1e-6, atol=1e-9)
+        assert torch.equal(a.hist.counts, b.hist.counts) and torch.equal(a.nonfinite, b.nonfinite)
+
+
 def test_gathered_decode_steps_are_copies_within_a_memory_bound(monkeypatch) -> None:
     """A gathered step is a copy (the caller may reuse its tensor); steps are gathered only
     while two fit in ``DECODE_BUFFER_BYTES``; a batch of another size is refused at once."""
@@ -334,6 +387,44 @@ def test_psi_and_ks_against_direct_formulas() -> None:
     w = np.histogram(b, cuts)[0] / b.size
     assert population_stability(ha, hb, bounds) == pytest.approx(np.sum((w - r) * np.log(w / r)))
     assert population_stability(ha, ha, bounds) == 0.0
+
+
+def test_psi_groups_all_hold_reference_mass() -> None:
+    """When the reference's highest occupied bin holds more than a group's share and is not
+    the grid's last, the bins above it join its group instead of forming an empty one (whose
+    floored proportion would turn any mass moving there into PSI)."""
+    hist = np.zeros(GRIDS["entropy"].bins, dtype=np.int64)
+    hist[100:110], hist[700] = 10, 50
+    bounds = psi_bins(hist)
+    assert bounds[0] == 0 and bounds[-1] == hist.size
+    assert (np.add.reduceat(hist, bounds[:-1]) > 0).all()
+    moved = hist.copy()
+    moved[700], moved[701] = 45, 5  # 3 % of the mass one bin up, inside the top group
+    assert population_stability(hist, moved, bounds) == 0.0
+
+
+def test_a_reference_without_spread_alarms_on_any_shift() -> None:
+    """A statistic constant in the reference (sd 0: the margin of uniform logits is 0) shifts
+    by infinitely many sds when the window's mean differs: the mean shift and the paired
+    shift alarm, and ``drift_values`` reads ±inf instead of dividing by zero."""
+    flat, drifted = OutputMonitor(), OutputMonitor()
+    for k in range(8):
+        flat.observe(torch.zeros(1, 16, 64))
+        drifted.observe(_logits(1, 16, seed=k))
+    ref, win = flat.summary(), drifted.summary()
+    assert ref.stats["margin"].sd == 0.0 and win.stats["margin"].mean > 0
+    alarms = {a.name for a in check_window(MonitorProfile.from_window(ref), win)}
+    assert "mean_shift_margin" in alarms
+    # the same 8 requests in both: the paired test
+    keys = [f"text {k}" for k in range(8)]
+    ref.requests = {k: [[0.0, 16.0]] * 4 for k in keys}  # every statistic: sum 0 over 16
+    win.requests = {
+        key: [[0.0, 16.0], [0.0, 16.0], [0.5 + k, 16.0], [0.0, 16.0]] for k, key in enumerate(keys)
+    }
+    paired = MonitorProfile.from_window(ref)
+    assert "paired_shift_margin" in {a.name for a in check_window(paired, win)}
+    values = drift_values(paired, win)
+    assert values["paired_shift_margin"] == math.inf and values["shift_margin"] == math.inf
 
 
 def test_alarms_name_the_statistics_that_drifted() -> None:

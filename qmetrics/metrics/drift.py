@@ -110,6 +110,14 @@ class WindowSummary:
     stats: dict[str, StatSummary]
     requests: dict[str, list[list[float]]] | None = None  # key → per statistic [sum, count]
 
+    @property
+    def nonfinite_fraction(self) -> float:
+        """Non-finite tokens over the tokens scored: the non-finite ones and the finite ones
+        counted in ``max_prob`` (tokens given with ``mask`` False are in neither)."""
+        finite = self.stats["max_prob"].count if "max_prob" in self.stats else 0
+        scored = self.nonfinite + finite
+        return self.nonfinite / scored if scored else 0.0
+
     def window(self) -> dict[str, int]:
         """How an alarm names the window."""
         return {
@@ -160,13 +168,18 @@ class Alarm:
 
 def psi_bins(hist: np.ndarray, parts: int = PSI_BINS) -> list[int]:
     """Grid-bin boundaries [0, b_1, …, bins] of ≤ ``parts`` groups of about equal reference
-    mass (quantiles of ``hist`` snapped to the grid; empty or repeated groups merged)."""
+    mass (quantiles of ``hist`` snapped to the grid; repeated cuts merged, and a last group
+    without reference mass — the bins above the reference's highest — merged into the one
+    before it: every group holds reference mass)."""
     cum = np.cumsum(hist)
     total = cum[-1]
     cuts = {0, len(hist)}
     for k in range(1, parts):
         cuts.add(int(np.searchsorted(cum, total * k / parts, side="left")) + 1)
-    return sorted(c for c in cuts if 0 <= c <= len(hist))
+    bounds = sorted(c for c in cuts if 0 <= c <= len(hist))
+    if len(bounds) > 2 and cum[-1] == cum[bounds[-2] - 1]:
+        del bounds[-2]
+    return bounds
 
 
 def population_stability(ref_hist: np.ndarray, win_hist: np.ndarray, bounds: list[int]) -> float:
@@ -301,7 +314,7 @@ def check_window(
         )
     window = summary.window()
     alarms = []
-    frac = summary.nonfinite / summary.tokens
+    frac = summary.nonfinite_fraction
     if summary.nonfinite and frac > th.nonfinite:
         alarms.append(
             Alarm(
@@ -344,7 +357,7 @@ def paired_shifts(profile: MonitorProfile, summary: WindowSummary) -> dict[str, 
         n = n_r[use]
         delta = float(np.sum(n * d) / np.sum(n))
         se = math.sqrt(c / (c - 1) * np.sum((n * (d - delta)) ** 2)) / float(np.sum(n))
-        z = delta / se if se > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+        z = _scaled(delta, se)
         out[name] = (z, delta, se, c)
     return out
 
@@ -352,7 +365,7 @@ def paired_shifts(profile: MonitorProfile, summary: WindowSummary) -> dict[str, 
 def drift_values(profile: MonitorProfile, summary: WindowSummary) -> dict[str, float]:
     """Every test's value by alarm name (``z_entropy`` for the mean shift's z, ``psi_*``,
     ``ks_*``, ``nonfinite_frac``): what a gate or a dashboard reads."""
-    out = {"nonfinite_frac": summary.nonfinite / max(summary.tokens, 1)}
+    out = {"nonfinite_frac": summary.nonfinite_fraction}
     for name, ref in profile.stats.items():
         win = summary.stats.get(name)
         if win is None or win.count < 2:
@@ -366,7 +379,7 @@ def drift_values(profile: MonitorProfile, summary: WindowSummary) -> dict[str, f
         out[f"ks_{name}"] = ks_statistic(np.asarray(ref.hist), np.asarray(win.hist))
     for name, (z, delta, _se, _c) in paired_shifts(profile, summary).items():
         out[f"paired_z_{name}"] = z
-        out[f"paired_shift_{name}"] = delta / profile.stats[name].sd
+        out[f"paired_shift_{name}"] = _scaled(delta, profile.stats[name].sd)
     return out
 
 
@@ -374,8 +387,16 @@ def _mean_shift(ref: StatSummary, win: StatSummary) -> tuple[float, float]:
     """(z, shift in reference sds) of the window's mean against the reference's."""
     delta = win.mean - ref.mean
     se = math.sqrt(ref.se**2 + win.se**2)
-    z = delta / se if se > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
-    return z, delta / ref.sd if ref.sd > 0 else 0.0
+    z = _scaled(delta, se)
+    return z, _scaled(delta, ref.sd)
+
+
+def _scaled(delta: float, scale: float) -> float:
+    """``delta / scale`` (a z from an se, a shift in sds), where a scale of 0 makes any nonzero
+    ``delta`` infinite (a reference without spread: every change is beyond it)."""
+    if scale > 0:
+        return delta / scale
+    return 0.0 if delta == 0 else math.copysign(math.inf, delta)
 
 
 def _stat_alarms(
@@ -396,7 +417,7 @@ def _stat_alarms(
     }
     if paired is not None:  # the same requests: the paired test replaces the unpaired one
         z, delta, se, c = paired
-        shift = delta / ref.sd if ref.sd > 0 else 0.0
+        shift = _scaled(delta, ref.sd)
         if abs(z) > th.z and abs(shift) > th.min_paired_shift:
             out.append(
                 Alarm(

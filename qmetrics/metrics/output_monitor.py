@@ -17,16 +17,20 @@ or token by token during generation) until :meth:`OutputMonitor.end_requests`.
 Decode steps (``continues=True``, one position per request, no labels or mask: what
 :meth:`OutputMonitor.attach` sees during ``generate()``) are gathered, up to ``decode_batch``
 steps and :data:`DECODE_BUFFER_BYTES`, in one buffer and observed in one pass when it is
-full, before any other call, at :meth:`OutputMonitor.end_requests` and before any read: a
-copy per step instead of a pass and its per-call overhead (dispatch, the compiled function's
-guards, a few dozen small ops), with the same sums, counts and histograms.
+full, when its steps fill the current window bucket, before any other call, at
+:meth:`OutputMonitor.end_requests` and before any read: a copy per step instead of a pass and
+its per-call overhead (dispatch, the compiled function's guards, a few dozen small ops), with
+the same sums, counts, histograms and window buckets as observing each step.
 
 Rolling window by token count: ``window_tokens`` tokens are kept as ``buckets`` buckets of
-⌈window_tokens/buckets⌉ tokens; when the current bucket is full the oldest is cleared and
-reused, so the window spans the last (buckets − 1)·size to buckets·size tokens. A request's
-cluster sums go to the bucket current when it ends. ``window_tokens=None``: one window of
-everything observed. Gathered decode steps enter the window (and ``tokens_total``) when their
-batch is observed. Only :meth:`snapshot`, :meth:`summary` and :meth:`check` read the device.
+⌈window_tokens/buckets⌉ tokens. A call's tokens go to the current bucket; once it is full,
+the next call first clears the oldest bucket and makes it current, so the window spans the
+last (buckets − 1)·size to buckets·size tokens (a call larger than a bucket overfills its
+bucket: calls are never split). A request's cluster sums go to the bucket current when it
+ends, the one holding its last tokens. Tokens given with ``mask`` False count in the window
+but in no statistic. ``window_tokens=None``: one window of everything observed. Gathered
+decode steps enter the window (and ``tokens_total``) when their batch is observed. Only
+:meth:`snapshot`, :meth:`summary` and :meth:`check` read the device.
 """
 
 from __future__ import annotations
@@ -187,6 +191,7 @@ class _DecodeBuffer:
         self.shape = like.shape
         self.targets = [self.logits[k].view(like.shape) for k in range(steps)]
         self.steps = 0
+        self.limit = steps  # observe the buffer when this many steps are in
 
     @property
     def requests(self) -> int:
@@ -203,10 +208,10 @@ class _DecodeBuffer:
         return len(self.targets) == steps and self.takes(like)
 
     def add(self, step: torch.Tensor) -> bool:
-        """Copy ``step`` into the next slot; True when the buffer is then full."""
+        """Copy ``step`` into the next slot; True when ``limit`` steps are then in."""
         self.targets[self.steps].copy_(step.detach() if step.requires_grad else step)
         self.steps += 1
-        return self.steps == len(self.targets)
+        return self.steps >= self.limit
 
     def gathered(self, steps: int) -> torch.Tensor:
         """The first ``steps`` steps as requests [R, steps, V] (a view)."""
@@ -395,7 +400,7 @@ class OutputMonitor:
         """Add checked ``logits`` [..., T, V] (requests of T tokens; ``keep``: N bools or None)
         to the current bucket as ``n_tok`` tokens."""
         per_request = _request_length(logits.shape[:-1])
-        bucket = self._buckets[self._current]
+        bucket = self._bucket_with_room()
         layout = (*bucket.hist.layout, bucket.hist.bins)
         compiled = want_compile(self.compile, logits.device, large=False)
         step = self._compiled_step(logits, labels, keep, layout) if compiled else None
@@ -421,9 +426,24 @@ class OutputMonitor:
             self._log_requests(sums)
         bucket.tokens += n_tok
         self.tokens_total += n_tok
+        if self._decode is not None:
+            self._set_flush_limit(self._decode)
+
+    def _room(self) -> int | None:
+        """Tokens the next call can add before its bucket is full (None: no rolling window)."""
+        if self.bucket_tokens is None:
+            return None
+        used = self._buckets[self._current].tokens if self._buckets else 0
+        return self.bucket_tokens - used if used < self.bucket_tokens else self.bucket_tokens
+
+    def _bucket_with_room(self) -> _Bucket:
+        """The current bucket, after moving on (clearing the oldest) if it is full."""
+        bucket = self._buckets[self._current]
         if self.bucket_tokens is not None and bucket.tokens >= self.bucket_tokens:
             self._current = (self._current + 1) % self.n_buckets
-            self._buckets[self._current].reset(self.tokens_total)
+            bucket = self._buckets[self._current]
+            bucket.reset(self.tokens_total)
+        return bucket
 
     def _open_requests(self) -> int | None:
         """How many continuing requests are open (gathered steps, or sums), None if none."""
@@ -453,6 +473,7 @@ class OutputMonitor:
         if buf is None or not buf.fits(steps, logits):
             self._observe_gathered()
             buf = self._decode = _DecodeBuffer(requests, steps, logits)
+            self._set_flush_limit(buf)
         if buf.add(logits):
             self._observe_gathered()
         return True
@@ -468,6 +489,13 @@ class OutputMonitor:
             return
         steps, buf.steps = buf.steps, 0
         self._add(buf.gathered(steps), None, None, True, buf.requests * steps)
+
+    def _set_flush_limit(self, buf: _DecodeBuffer) -> None:
+        """Observe ``buf`` at the latest when its steps fill the current bucket: a bucket then
+        moves on after the same step as when each step is observed by its own call."""
+        room = self._room()
+        full = len(buf.targets)
+        buf.limit = full if room is None else max(1, min(full, -(-room // buf.requests)))
 
     def _compiled_step(
         self,
