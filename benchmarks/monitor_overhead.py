@@ -4,11 +4,15 @@ Each case is timed round-robin in one run, median of ``--repeats`` rounds after 
 (which also compiles): the forward alone; ``observe`` alone on that forward's logits, with the
 compiled CPU step (``OutputMonitor(compile=True)``), eagerly (``compile=False``), and compiled
 observing one position in ``--sample-every`` (``sample_every``; a decode step: one call in
-k); and forward + compiled observe end to end. A monitor whose cost differs from call to call
-is timed by its mean over whole cycles (the median would hide the calls that do the work): the
-sampling one, and on decode steps every one (steps are gathered and observed ``decode_batch``
-at a time, ``OutputMonitor``'s default). The overhead is observe / forward (the end-to-end
-difference says the same within the forward's own noise, which on a shared CPU is a few %).
+k); forward + compiled observe end to end; and a floor: ``torch.logsumexp`` alone over the
+same logits, one call each time (compiled on the CPU). Every statistic of an exact monitor of
+the output distribution needs that pass of max and exp; on the CPU it bounds the monitor's
+cost from below, except on decode steps, which the monitor gathers into one pass per
+``decode_batch`` calls. A monitor whose cost differs from call to call is timed by its mean
+over whole cycles (the median would hide the calls that do the work): the sampling one, and
+on decode steps every one (steps are gathered and observed ``decode_batch`` at a time,
+``OutputMonitor``'s default). The overhead is observe / forward (the end-to-end difference
+says the same within the forward's own noise, which on a shared CPU is a few %).
 
 - the bundled demo model (V = 4096, hidden 192, 4 layers) on a scoring call [4, 128] with
   labels, and on a decode step (one position, the request continuing: gathered, a full batch
@@ -39,9 +43,15 @@ import torch
 from qmetrics.metrics.output_monitor import OutputMonitor
 
 DEMO = Path(__file__).resolve().parents[1] / "qmetrics" / "demo_model"
-# a case: the forward, how its logits are observed (logits, monitor) -> None, and how many
-# calls make one pass of a monitor that gathers decode steps (1: every call is a pass)
-Case = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor, OutputMonitor], None], int]
+# a case: the forward, the view of its logits that is observed, how that view is observed
+# (view, monitor) -> None, and how many calls make one pass of a monitor that gathers decode
+# steps (1: every call is a pass)
+Case = tuple[
+    Callable[[], torch.Tensor],
+    Callable[[torch.Tensor], torch.Tensor],
+    Callable[[torch.Tensor, OutputMonitor], None],
+    int,
+]
 
 
 def side_by_side(
@@ -79,13 +89,16 @@ def demo_case(batch: int, length: int, device: str = "cpu") -> Case:
     def forward() -> torch.Tensor:
         return model(input_ids=ids).logits
 
+    def view(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, :-1] if length > 1 else logits
+
     def observe(logits: torch.Tensor, monitor: OutputMonitor) -> None:
-        if length > 1:  # scoring: every position, next tokens as labels
-            monitor.observe(logits[:, :-1], ids[:, 1:])
+        if length > 1:  # scoring: every position but the last, next tokens as labels
+            monitor.observe(logits, ids[:, 1:])
         else:  # a decode step ([4, 1, V]), its requests continuing: as attach() observes it
             monitor.observe(logits, continues=True)
 
-    return forward, observe, (1 if length > 1 else OutputMonitor().decode_batch)
+    return forward, view, observe, (1 if length > 1 else OutputMonitor().decode_batch)
 
 
 def head_case(tokens: int, device: str = "cpu", hidden: int = 4096, vocab: int = 128256) -> Case:
@@ -100,17 +113,20 @@ def head_case(tokens: int, device: str = "cpu", hidden: int = 4096, vocab: int =
     def observe(logits: torch.Tensor, monitor: OutputMonitor) -> None:
         monitor.observe(logits, labels)
 
-    return forward, observe, 1
+    return forward, (lambda logits: logits), observe, 1
 
 
 def measure(
     case: Case, repeats: int, sample_every: int, sync: Callable[[], None]
 ) -> dict[str, float]:
     """Seconds of: forward, observe (compiled / eager / compiled sampling one position in
-    ``sample_every``) on one forward's logits, and forward + compiled observe (medians; means
-    over whole cycles where the cost differs from call to call)."""
-    forward, observe, gathered = case
-    logits = forward()
+    ``sample_every``) on one forward's logits, forward + compiled observe, and the
+    ``logsumexp`` floor (medians; means over whole cycles where the cost differs from call to
+    call)."""
+    forward, view, observe, gathered = case
+    logits = view(forward())
+    lse = torch.logsumexp
+    floor = torch.compile(lse) if logits.device.type == "cpu" else lse
     compiled = OutputMonitor(window_tokens=65536, compile=True)
     eager = OutputMonitor(window_tokens=65536, compile=False)
     sampled = OutputMonitor(window_tokens=65536, compile=True, sample_every=sample_every)
@@ -126,7 +142,8 @@ def measure(
             "compiled": lambda: observe(logits, compiled),
             "eager": lambda: observe(logits, eager),
             "sampled": lambda: observe(logits, sampled),
-            "forward+compiled": lambda: observe(forward(), compiled),
+            "forward+compiled": lambda: observe(view(forward()), compiled),
+            "floor": lambda: floor(logits, -1),
         },
         -(-repeats // cycle) * cycle,  # whole cycles of the sampling monitor
         mean=("sampled", *varies),
@@ -150,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| case | forward ms | observe, compiled ms | overhead | end to end |"
         f" observe, eager ms | overhead | compiled, 1 position in {k} ms | overhead |"
+        " floor: logsumexp alone ms | floor |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     cases = {
         "demo model, scoring [4, 128], V=4096": lambda: demo_case(4, 128, dev),
         "demo model, decode step [4, 1], V=4096": lambda: demo_case(4, 1, dev),
@@ -165,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {base * 1e3:.2f} | {t['compiled'] * 1e3:.3f} | "
             f"{t['compiled'] / base:.1%} | {both:+.1%} | {t['eager'] * 1e3:.3f} | "
-            f"{t['eager'] / base:.1%} | {t['sampled'] * 1e3:.3f} | {t['sampled'] / base:.1%} |",
+            f"{t['eager'] / base:.1%} | {t['sampled'] * 1e3:.3f} | {t['sampled'] / base:.1%} | "
+            f"{t['floor'] * 1e3:.3f} | {t['floor'] / base:.1%} |",
             flush=True,
         )
     return 0
