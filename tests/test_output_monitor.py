@@ -480,6 +480,16 @@ def test_jsonl_round_trip_and_prometheus_parses(tmp_path) -> None:
     back = read_jsonl(write_jsonl(records, tmp_path / "m.jsonl"))
     assert back == json.loads(json.dumps(records))
     assert [Alarm.from_dict(r) for r in back[1:]] == alarms
+    # non-finite numbers (a reference without spread makes shifts infinite) stay strict JSON,
+    # written as in every report: inf as "inf", NaN as null
+    odd = values | {"shift_margin": math.inf, "z_nll": math.nan}
+    path = write_jsonl(monitor_records(mon.snapshot(), alarms, odd), tmp_path / "odd.jsonl")
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    lines = [json.loads(line, parse_constant=strict) for line in path.read_text().splitlines()]
+    assert lines[0]["drift"]["shift_margin"] == "inf" and lines[0]["drift"]["z_nll"] is None
     text = prometheus_text(summary, mon.snapshot(), values, alarms)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["qmetrics_monitor_tokens"].samples[0].value == 128

@@ -17,7 +17,6 @@ and left out of every statistic first).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +162,7 @@ def _check(args: argparse.Namespace) -> int:
         prometheus_text,
         render_check_table,
         write_jsonl,
+        write_snapshot,
     )
 
     rules = parse_monitor_gate(args.fail_if) if args.fail_if else []
@@ -194,8 +194,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.output is not None:
         out = Path(args.output)
         paths = [write_jsonl(monitor_records(snapshot, alarms, values), out / "monitor.jsonl")]
-        paths.append(out / "snapshot.json")
-        paths[-1].write_text(json.dumps(snapshot, indent=1) + "\n", encoding="utf-8")
+        paths.append(write_snapshot(snapshot, out / "snapshot.json"))
         try:
             (out / "metrics.prom").write_text(prometheus_text(summary, snapshot, values, alarms))
             paths.append(out / "metrics.prom")

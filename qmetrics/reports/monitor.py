@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from qmetrics.metrics.drift import GRIDS, Alarm, WindowSummary
+from qmetrics.metrics.json_values import json_safe
 from qmetrics.reports.format import table
 from qmetrics.reports.gate import Rule, Subject, Vocabulary, check_rules, parse_gate
 
@@ -41,12 +42,22 @@ def monitor_records(
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: Path, append: bool = False) -> Path:
-    """Write (or append) one JSON object per line."""
+    """Write (or append) one strict JSON object per line (log shippers reject ``NaN`` and
+    ``Infinity``: non-finite numbers are written as in every report, :func:`json_safe`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a" if append else "w", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    return path
+
+
+def write_snapshot(snapshot: Mapping[str, Any], path: Path) -> Path:
+    """Write a monitor snapshot as one strict JSON document (as :func:`write_jsonl`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(json_safe(snapshot), indent=1, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
     return path
 
 
