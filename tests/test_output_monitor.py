@@ -314,8 +314,34 @@ def test_gathered_decode_steps_roll_the_window_as_steps_one_by_one() -> None:
     got, want = _generation(gathered, torch.float32), _generation(one_by_one, torch.float32)
     assert gathered._decode is not None and got["snapshot"]["tokens_total"] == 63
     assert got["snapshot"]["window"] == want["snapshot"]["window"]
-    assert gathered._current == one_by_one._current
-    for a, b in zip(gathered._buckets, one_by_one._buckets, strict=True):
+    _assert_same_buckets(gathered, one_by_one)
+
+
+def test_gathered_decode_steps_with_masks_equal_steps_one_by_one() -> None:
+    """Masked decode steps (what ``attach`` passes for rows that finished) are gathered with
+    their masks: the same buckets and request sums as observing each step; a step without a
+    mask between masked ones starts another buffer."""
+    g = torch.Generator().manual_seed(1)
+    steps = [(3 * torch.randn(3, 1, 50, generator=g), torch.rand(3, 1, generator=g) > 0.3)
+             for _ in range(11)]  # fmt: skip
+    kw = dict(keep_requests=10, window_tokens=24, buckets=3)
+    gathered, one_by_one = OutputMonitor(decode_batch=4, **kw), OutputMonitor(decode_batch=1, **kw)
+    for mon in (gathered, one_by_one):
+        for k, (x, keep) in enumerate(steps):
+            mon.observe(x, continues=True, mask=None if k in (5, 6) else keep)
+        mon.end_requests()
+    assert gathered._decode is not None and gathered._decode.keep is not None
+    assert gathered.tokens_total == 33
+    _assert_same_buckets(gathered, one_by_one)
+    kept = sum(int(keep.sum()) for k, (x, keep) in enumerate(steps) if k not in (5, 6)) + 6
+    assert gathered.request_sums()[:, 0, 1].sum() == kept
+    np.testing.assert_allclose(gathered.request_sums(), one_by_one.request_sums(), rtol=1e-6)
+
+
+def _assert_same_buckets(got: OutputMonitor, want: OutputMonitor) -> None:
+    """Every window bucket holds the same tokens, moments, histogram and non-finite count."""
+    assert got._current == want._current
+    for a, b in zip(got._buckets, want._buckets, strict=True):
         assert (a.tokens, a.first_token) == (b.tokens, b.first_token)
         torch.testing.assert_close(a.moments, b.moments, rtol=1e-6, atol=1e-9)
         assert torch.equal(a.hist.counts, b.hist.counts) and torch.equal(a.nonfinite, b.nonfinite)
@@ -536,3 +562,31 @@ def test_attach_observes_generate_and_scoring_calls() -> None:
     with torch.no_grad():
         model(input_ids=ids)
     assert mon.tokens_total == 0 and "generate" not in model.__dict__
+
+
+@pytest.mark.slow
+def test_attach_skips_rows_that_finished_during_generate() -> None:
+    """``generate`` runs a finished row on (feeding it pad tokens) until the whole batch is
+    done: those steps are not the row's. With seed 0 the greedy rows are [61, 64, 19, …] and
+    [49, 12, 63, 16, 89, 83, 43, 88]; with end-of-sequence id 19 the first row ends after 3
+    tokens, and only those count (the statistics of its first 3 steps' logits)."""
+    pytest.importorskip("transformers")
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(96)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    steps: list[torch.Tensor] = []
+    spy = model.register_forward_hook(lambda m, a, o: steps.append(o.logits[:, -1].clone()))
+    mon = OutputMonitor(keep_requests=2)
+    handle = mon.attach(model)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=19,
+                             pad_token_id=0)  # fmt: skip
+    handle.remove()
+    spy.remove()
+    assert out[0, 9:].tolist() == [61, 64, 19, 0, 0, 0, 0, 0]
+    assert out[1, 9:].tolist() == [49, 12, 63, 16, 89, 83, 43, 88]
+    sums = mon.request_sums()  # [request, statistic, (sum, count)]
+    assert sums[:, 0, 1].tolist() == [3.0, 8.0]
+    first_row = output_stats(torch.stack(steps[:3])[:, 0]).entropy.double().sum().item()
+    assert sums[0, 0, 0] == pytest.approx(first_row, rel=1e-5)

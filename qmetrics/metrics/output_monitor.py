@@ -14,10 +14,10 @@ Requests: the rows of [B, T, V] logits (all leading dims but the last: [T, V] is
 With ``continues=True`` the rows' sums stay open across calls (a request seen chunk by chunk,
 or token by token during generation) until :meth:`OutputMonitor.end_requests`.
 
-Decode steps (``continues=True``, one position per request, no labels or mask: what
-:meth:`OutputMonitor.attach` sees during ``generate()``) are gathered, up to ``decode_batch``
-steps and :data:`DECODE_BUFFER_BYTES`, in one buffer and observed in one pass when it is
-full, when its steps fill the current window bucket, before any other call, at
+Decode steps (``continues=True``, one position per request, no labels; with or without a
+mask: what :meth:`OutputMonitor.attach` sees during ``generate()``) are gathered, up to
+``decode_batch`` steps and :data:`DECODE_BUFFER_BYTES`, in one buffer and observed in one
+pass when it is full, when its steps fill the current window bucket, before any other call, at
 :meth:`OutputMonitor.end_requests` and before any read: a copy per step instead of a pass and
 its per-call overhead (dispatch, the compiled function's guards, a few dozen small ops), with
 the same sums, counts, histograms and window buckets as observing each step.
@@ -183,13 +183,19 @@ class _DecodeBuffer:
     """Decode steps of R continuing requests, gathered for one observe pass: ``logits``
     [K, R, V] (the steps' dtype; step k of request r in ``logits[k, r]``), ``steps``, how many
     of the K are filled, and ``targets``: each step's slot viewed in the shape the steps come
-    in, so that gathering a step is one copy (a contiguous one)."""
+    in, so that gathering a step is one copy (a contiguous one). Steps with a mask (bool, the
+    shape of their leading dims) keep it in ``keep`` [K, R] (``keep_targets``), one more copy."""
 
-    def __init__(self, requests: int, steps: int, like: torch.Tensor):
+    def __init__(self, requests: int, steps: int, like: torch.Tensor, masked: bool):
         vocab = like.shape[-1]
         self.logits = torch.empty(steps, requests, vocab, dtype=like.dtype, device=like.device)
         self.shape = like.shape
         self.targets = [self.logits[k].view(like.shape) for k in range(steps)]
+        self.keep = None
+        self.keep_targets: list[torch.Tensor] = []
+        if masked:
+            self.keep = torch.empty(steps, requests, dtype=torch.bool, device=like.device)
+            self.keep_targets = [self.keep[k].view(like.shape[:-1]) for k in range(steps)]
         self.steps = 0
         self.limit = steps  # observe the buffer when this many steps are in
 
@@ -197,25 +203,34 @@ class _DecodeBuffer:
     def requests(self) -> int:
         return self.logits.shape[1]
 
-    def takes(self, step: torch.Tensor) -> bool:
-        """Whether ``step`` has the shape, dtype and device of the steps in this buffer."""
+    def takes(self, step: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether ``step`` has the shape, dtype and device of the steps in this buffer, and
+        a mask (bool, of its leading shape) exactly when they have one."""
         buffer = self.logits
         same = step.shape == self.shape and step.dtype == buffer.dtype
-        return same and step.device == buffer.device
+        if mask is None:
+            return same and self.keep is None and step.device == buffer.device
+        masked = self.keep is not None and mask.dtype == torch.bool
+        return same and masked and mask.shape == step.shape[:-1] and step.device == buffer.device
 
-    def fits(self, steps: int, like: torch.Tensor) -> bool:
-        """Whether this buffer holds ``steps`` steps shaped like ``like``."""
-        return len(self.targets) == steps and self.takes(like)
+    def fits(self, steps: int, like: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether this buffer holds ``steps`` steps shaped like ``like`` (and ``mask``)."""
+        return len(self.targets) == steps and self.takes(like, mask)
 
-    def add(self, step: torch.Tensor) -> bool:
-        """Copy ``step`` into the next slot; True when ``limit`` steps are then in."""
+    def add(self, step: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Copy ``step`` (and its ``mask``) into the next slot; True when ``limit`` steps
+        are then in."""
         self.targets[self.steps].copy_(step.detach() if step.requires_grad else step)
+        if mask is not None:
+            self.keep_targets[self.steps].copy_(mask)
         self.steps += 1
         return self.steps >= self.limit
 
-    def gathered(self, steps: int) -> torch.Tensor:
-        """The first ``steps`` steps as requests [R, steps, V] (a view)."""
-        return self.logits[:steps].transpose(0, 1)
+    def gathered(self, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first ``steps`` steps as requests [R, steps, V] (a view), and their mask as
+        R·steps bools in the same order (None without masks)."""
+        keep = None if self.keep is None else self.keep[:steps].transpose(0, 1).reshape(-1)
+        return self.logits[:steps].transpose(0, 1), keep
 
 
 class _Bucket:
@@ -330,23 +345,22 @@ class OutputMonitor:
         """Add the tokens of ``logits`` [..., V] (``labels`` shaped like the leading dims for
         the NLL; ``mask``: bool, False for tokens to skip, e.g. padding). ``continues``: the
         requests (rows) stay open across calls until :meth:`end_requests`; a decode step (one
-        position per request, no labels or mask) is gathered with the following ones and
-        observed with them in one pass (module docstring). Sync-free."""
+        position per request, no labels) is gathered with the following ones and observed
+        with them in one pass (module docstring). Sync-free."""
         buf = self._decode
         if (
             continues
             and labels is None
-            and mask is None
             and buf is not None
             and self.sample_every == 1
             and isinstance(logits, torch.Tensor)
-            and buf.takes(logits)
+            and buf.takes(logits, mask)
             and self._open_requests() in (None, buf.requests)
         ):
             # the next step of the gathered requests, shaped as the first one (checked then):
             # one copy; the fewer operations, the less a decode step pays for cold caches
             self._calls += 1
-            if buf.add(logits):
+            if buf.add(logits, mask):
                 self._observe_gathered()
             return
         self._observe(logits, labels, mask, continues)
@@ -380,13 +394,15 @@ class OutputMonitor:
             lead = logits.shape[:-1]
         n_tok = lead.numel()
         one_each = _request_length(lead) == 1
-        decode_step = continues and one_each and labels is None and mask is None
-        if decode_step and self._gather_decode_step(logits, n_tok):
+        if mask is not None:
+            mask = mask.to(device=logits.device, dtype=torch.bool)
+        decode_step = continues and one_each and labels is None
+        if decode_step and self._gather_decode_step(logits, n_tok, mask):
             return
         self._observe_gathered()
         keep = None
         if mask is not None:
-            keep = mask.to(device=logits.device, dtype=torch.bool).reshape(-1)
+            keep = mask.reshape(-1)
         self._add(logits, labels, keep, continues, n_tok)
 
     def _add(
@@ -460,21 +476,24 @@ class OutputMonitor:
                 f"{requests} continuing requests, but {open_} are open: call end_requests() first"
             )
 
-    def _gather_decode_step(self, logits: torch.Tensor, requests: int) -> bool:
-        """Copy a decode step (one position of each of ``requests`` continuing requests) into
-        the decode buffer, observing the buffer when it is full. False when steps are not
-        gathered (``decode_batch`` 1, or one step is over :data:`DECODE_BUFFER_BYTES`)."""
+    def _gather_decode_step(
+        self, logits: torch.Tensor, requests: int, mask: torch.Tensor | None
+    ) -> bool:
+        """Copy a decode step (one position of each of ``requests`` continuing requests, and
+        its bool ``mask`` or None) into the decode buffer, observing the buffer when it is
+        full. False when steps are not gathered (``decode_batch`` 1, or one step is over
+        :data:`DECODE_BUFFER_BYTES`)."""
         step_bytes = requests * logits.shape[-1] * logits.element_size()
         steps = min(self.decode_batch, DECODE_BUFFER_BYTES // max(step_bytes, 1))
         if steps < 2:
             return False
         self._check_open(requests)
         buf = self._decode
-        if buf is None or not buf.fits(steps, logits):
+        if buf is None or not buf.fits(steps, logits, mask):
             self._observe_gathered()
-            buf = self._decode = _DecodeBuffer(requests, steps, logits)
+            buf = self._decode = _DecodeBuffer(requests, steps, logits, mask is not None)
             self._set_flush_limit(buf)
-        if buf.add(logits):
+        if buf.add(logits, mask):
             self._observe_gathered()
         return True
 
@@ -488,7 +507,8 @@ class OutputMonitor:
         if buf is None or buf.steps == 0:
             return
         steps, buf.steps = buf.steps, 0
-        self._add(buf.gathered(steps), None, None, True, buf.requests * steps)
+        logits, keep = buf.gathered(steps)
+        self._add(logits, None, keep, True, buf.requests * steps)
 
     def _set_flush_limit(self, buf: _DecodeBuffer) -> None:
         """Observe ``buf`` at the latest when its steps fill the current bucket: a bucket then
@@ -631,9 +651,11 @@ class OutputMonitor:
     def attach(self, model: torch.nn.Module, *, score_labels: bool = True) -> MonitorHandle:
         """Observe every forward of a Hugging Face causal LM ``model``: during ``generate()``
         the last position's logits (one request per batch row, closed when ``generate``
-        returns); in any other call (scoring) all positions, each row a request, with the next
-        input token as label (``score_labels``) and padding (``attention_mask`` 0) skipped.
-        Returns a handle whose ``remove()`` detaches it."""
+        returns), skipping rows that have finished — whose input token is an end-of-sequence
+        or padding id of the call's generation config: ``generate`` runs them on until the
+        whole batch is done; in any other call (scoring) all positions, each row a request,
+        with the next input token as label (``score_labels``) and padding (``attention_mask``
+        0) skipped. Returns a handle whose ``remove()`` detaches it."""
         return MonitorHandle(self, model, score_labels)
 
 
@@ -644,10 +666,13 @@ class MonitorHandle:
         self.monitor, self.model, self.score_labels = monitor, model, score_labels
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._generate = model.__dict__.get("generate")
+        self._stop_ids: list[int] = []  # the running generate()'s end-of-sequence and pad ids
+        self._stop: torch.Tensor | None = None  # the same on the inputs' device
         original = model.generate if hasattr(model, "generate") else None
         if original is not None:
 
             def generate(*args: Any, **kwargs: Any) -> Any:
+                self._stop_ids, self._stop = _stop_token_ids(model, kwargs), None
                 monitor._generating = True
                 try:
                     return original(*args, **kwargs)
@@ -657,6 +682,18 @@ class MonitorHandle:
 
             model.generate = generate
 
+    def _finished_rows_mask(self, input_ids: object, rows: int) -> torch.Tensor | None:
+        """During ``generate()``: False for the rows whose last input token is an
+        end-of-sequence or pad id (finished; ``generate`` feeds them pad tokens until the
+        batch is done), as [rows, 1] bools; None when that cannot be told."""
+        if not self._stop_ids or not isinstance(input_ids, torch.Tensor):
+            return None
+        if input_ids.dim() != 2 or input_ids.shape[0] != rows:
+            return None
+        if self._stop is None or self._stop.device != input_ids.device:
+            self._stop = torch.tensor(self._stop_ids, device=input_ids.device)
+        return ~torch.isin(input_ids[:, -1:], self._stop)
+
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         logits = getattr(output, "logits", None)
         if logits is None and isinstance(output, tuple | list):
@@ -664,11 +701,13 @@ class MonitorHandle:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             return
         mon = self.monitor
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
         if mon._generating:
             # a decode step's logits are [B, 1, V] already: no slice (one op less per step)
-            mon.observe(logits if logits.shape[1] == 1 else logits[:, -1:], continues=True)
+            step = logits if logits.shape[1] == 1 else logits[:, -1:]
+            keep = self._finished_rows_mask(input_ids, logits.shape[0])
+            mon.observe(step, continues=True, mask=keep)
             return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention = kwargs.get("attention_mask")
         if logits.shape[1] < 2 or not isinstance(input_ids, torch.Tensor):
             mon.observe(logits)
@@ -686,6 +725,21 @@ class MonitorHandle:
             del self.model.generate
         if self._generate is not None:
             self.model.generate = self._generate
+
+
+def _stop_token_ids(model: torch.nn.Module, kwargs: dict) -> list[int]:
+    """The end-of-sequence and pad token ids a ``generate(**kwargs)`` call of ``model`` uses
+    (its arguments, else its ``generation_config``, else the model's)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    ids: list[int] = []
+    for name in ("eos_token_id", "pad_token_id"):
+        value = kwargs.get(name, getattr(config, name, None))
+        if isinstance(value, torch.Tensor):
+            value = value.flatten().tolist()
+        if isinstance(value, int):
+            value = [value]
+        ids.extend(int(v) for v in value or () if v is not None)
+    return sorted(set(ids))
 
 
 def _stat_summary(m: np.ndarray, hist: np.ndarray) -> StatSummary | None:
