@@ -15,7 +15,8 @@ on decode steps every one (steps are gathered and observed ``decode_batch`` at a
 says the same within the forward's own noise, which on a shared CPU is a few %).
 
 - the bundled demo model (V = 4096, hidden 192, 4 layers) on a scoring call [4, 128] with
-  labels, and on a decode step (one position, the request continuing: gathered, a full batch
+  labels, and on a decode step (one position, the request continuing, with the mask of
+  unfinished rows that ``attach`` computes during ``generate()``: gathered, a full batch
   observed in one pass every ``decode_batch`` steps);
 - a V = 128,256 output head (hidden 4096, Llama-3-8B's shapes; fp32 on the CPU): the head's
   matmul is the "forward" — a lower bound of a real model's forward, so the ratio is an upper
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from qmetrics.metrics.output_monitor import OutputMonitor
+from qmetrics.metrics.output_monitor import OutputMonitor, unfinished_rows
 
 DEMO = Path(__file__).resolve().parents[1] / "qmetrics" / "demo_model"
 # a case: the forward, the view of its logits that is observed, how that view is observed
@@ -84,6 +85,7 @@ def demo_case(batch: int, length: int, device: str = "cpu") -> Case:
 
     model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval().to(device)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), device=device)
+    stop = torch.tensor([model.generation_config.eos_token_id, 0], device=device)
 
     @torch.no_grad()
     def forward() -> torch.Tensor:
@@ -95,8 +97,9 @@ def demo_case(batch: int, length: int, device: str = "cpu") -> Case:
     def observe(logits: torch.Tensor, monitor: OutputMonitor) -> None:
         if length > 1:  # scoring: every position but the last, next tokens as labels
             monitor.observe(logits, ids[:, 1:])
-        else:  # a decode step ([4, 1, V]), its requests continuing: as attach() observes it
-            monitor.observe(logits, continues=True)
+        else:  # a decode step ([4, 1, V]), its requests continuing, finished rows masked:
+            # as attach() observes it during generate()
+            monitor.observe(logits, continues=True, mask=unfinished_rows(ids, stop))
 
     return forward, view, observe, (1 if length > 1 else OutputMonitor().decode_batch)
 

@@ -692,7 +692,7 @@ class MonitorHandle:
             return None
         if self._stop is None or self._stop.device != input_ids.device:
             self._stop = torch.tensor(self._stop_ids, device=input_ids.device)
-        return ~torch.isin(input_ids[:, -1:], self._stop)
+        return unfinished_rows(input_ids, self._stop)
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         logits = getattr(output, "logits", None)
@@ -725,6 +725,12 @@ class MonitorHandle:
             del self.model.generate
         if self._generate is not None:
             self.model.generate = self._generate
+
+
+def unfinished_rows(input_ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """[B, 1] bools: whether each row of a ``generate()`` forward's ``input_ids`` [B, L] is
+    still running, i.e. its last token is none of the ``stop`` ids (end-of-sequence, pad)."""
+    return ~torch.isin(input_ids[:, -1:], stop)
 
 
 def _stop_token_ids(model: torch.nn.Module, kwargs: dict) -> list[int]:
