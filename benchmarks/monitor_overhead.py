@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from qmetrics.metrics.output_monitor import OutputMonitor, unfinished_rows
+from qmetrics.metrics.output_monitor import OutputMonitor, UnfinishedRows
 
 DEMO = Path(__file__).resolve().parents[1] / "qmetrics" / "demo_model"
 # a case: the forward, the view of its logits that is observed, how that view is observed
@@ -99,7 +99,7 @@ def demo_case(batch: int, length: int, device: str = "cpu") -> Case:
             monitor.observe(logits, ids[:, 1:])
         else:  # a decode step ([4, 1, V]), its requests continuing, finished rows masked:
             # as attach() observes it during generate()
-            monitor.observe(logits, continues=True, mask=unfinished_rows(ids, stop))
+            monitor.observe(logits, continues=True, mask=UnfinishedRows(ids, stop))
 
     return forward, view, observe, (1 if length > 1 else OutputMonitor().decode_batch)
 

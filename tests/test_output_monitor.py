@@ -565,11 +565,14 @@ def test_attach_observes_generate_and_scoring_calls() -> None:
 
 
 @pytest.mark.slow
-def test_attach_skips_rows_that_finished_during_generate() -> None:
+@pytest.mark.parametrize("decode_batch", [64, 3, 1])
+def test_attach_skips_rows_that_finished_during_generate(decode_batch: int) -> None:
     """``generate`` runs a finished row on (feeding it pad tokens) until the whole batch is
     done: those steps are not the row's. With seed 0 the greedy rows are [61, 64, 19, …] and
     [49, 12, 63, 16, 89, 83, 43, 88]; with end-of-sequence id 19 the first row ends after 3
-    tokens, and only those count (the statistics of its first 3 steps' logits)."""
+    tokens, and only those count (the statistics of its first 3 steps' logits): with the
+    steps gathered (their masks evaluated when observed; every 3 steps, or all at the end)
+    or observed one by one."""
     pytest.importorskip("transformers")
     from tests.tiny_models import tiny_llama
 
@@ -577,7 +580,7 @@ def test_attach_skips_rows_that_finished_during_generate() -> None:
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     steps: list[torch.Tensor] = []
     spy = model.register_forward_hook(lambda m, a, o: steps.append(o.logits[:, -1].clone()))
-    mon = OutputMonitor(keep_requests=2)
+    mon = OutputMonitor(keep_requests=2, decode_batch=decode_batch)
     handle = mon.attach(model)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=19,

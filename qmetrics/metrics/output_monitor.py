@@ -36,7 +36,7 @@ decode steps enter the window (and ``tokens_total``) when their batch is observe
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -179,23 +179,46 @@ def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+class UnfinishedRows(NamedTuple):
+    """The mask of a ``generate()`` step, evaluated when the gathered steps are observed
+    (:func:`unfinished_rows` of ``input_ids`` [B, L] and ``stop``): a step then costs no
+    operation for its mask. ``input_ids`` is kept by reference: ``generate`` makes a new
+    tensor each step."""
+
+    input_ids: torch.Tensor
+    stop: torch.Tensor
+
+    def evaluate(self) -> torch.Tensor:
+        return unfinished_rows(self.input_ids, self.stop)
+
+
+Mask = torch.Tensor | UnfinishedRows | None
+
+
 class _DecodeBuffer:
     """Decode steps of R continuing requests, gathered for one observe pass: ``logits``
     [K, R, V] (the steps' dtype; step k of request r in ``logits[k, r]``), ``steps``, how many
     of the K are filled, and ``targets``: each step's slot viewed in the shape the steps come
-    in, so that gathering a step is one copy (a contiguous one). Steps with a mask (bool, the
-    shape of their leading dims) keep it in ``keep`` [K, R] (``keep_targets``), one more copy."""
+    in, so that gathering a step is one copy (a contiguous one). The steps' masks, all of one
+    ``kind``: none; ``"mask"``, bool masks of the steps' leading shape, copied into ``keep``
+    [K, R] (one more copy per step); ``"deferred"``, :class:`UnfinishedRows` masks of one
+    ``stop``, kept in ``deferred`` and evaluated together."""
 
-    def __init__(self, requests: int, steps: int, like: torch.Tensor, masked: bool):
+    def __init__(self, requests: int, steps: int, like: torch.Tensor, mask: Mask):
         vocab = like.shape[-1]
         self.logits = torch.empty(steps, requests, vocab, dtype=like.dtype, device=like.device)
         self.shape = like.shape
         self.targets = [self.logits[k].view(like.shape) for k in range(steps)]
+        self.kind: str | None = "deferred" if isinstance(mask, UnfinishedRows) else "mask"
+        if mask is None:
+            self.kind = None
         self.keep = None
         self.keep_targets: list[torch.Tensor] = []
-        if masked:
+        if self.kind == "mask":
             self.keep = torch.empty(steps, requests, dtype=torch.bool, device=like.device)
             self.keep_targets = [self.keep[k].view(like.shape[:-1]) for k in range(steps)]
+        self.stop = mask.stop if isinstance(mask, UnfinishedRows) else None
+        self.deferred: list[torch.Tensor] = []
         self.steps = 0
         self.limit = steps  # observe the buffer when this many steps are in
 
@@ -203,33 +226,45 @@ class _DecodeBuffer:
     def requests(self) -> int:
         return self.logits.shape[1]
 
-    def takes(self, step: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    def takes(self, step: torch.Tensor, mask: Mask) -> bool:
         """Whether ``step`` has the shape, dtype and device of the steps in this buffer, and
-        a mask (bool, of its leading shape) exactly when they have one."""
+        a mask of their kind."""
         buffer = self.logits
         same = step.shape == self.shape and step.dtype == buffer.dtype
+        if not (same and step.device == buffer.device):
+            return False
         if mask is None:
-            return same and self.keep is None and step.device == buffer.device
-        masked = self.keep is not None and mask.dtype == torch.bool
-        return same and masked and mask.shape == step.shape[:-1] and step.device == buffer.device
+            return self.kind is None
+        if isinstance(mask, UnfinishedRows):
+            return self.kind == "deferred" and mask.stop is self.stop
+        bool_mask = mask.dtype == torch.bool and mask.shape == step.shape[:-1]
+        return self.kind == "mask" and bool_mask
 
-    def fits(self, steps: int, like: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    def fits(self, steps: int, like: torch.Tensor, mask: Mask) -> bool:
         """Whether this buffer holds ``steps`` steps shaped like ``like`` (and ``mask``)."""
         return len(self.targets) == steps and self.takes(like, mask)
 
-    def add(self, step: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        """Copy ``step`` (and its ``mask``) into the next slot; True when ``limit`` steps
-        are then in."""
+    def add(self, step: torch.Tensor, mask: Mask) -> bool:
+        """Copy ``step`` (and keep its ``mask``) into the next slot; True when ``limit``
+        steps are then in."""
         self.targets[self.steps].copy_(step.detach() if step.requires_grad else step)
-        if mask is not None:
+        if isinstance(mask, UnfinishedRows):
+            self.deferred.append(mask.input_ids)
+        elif mask is not None:
             self.keep_targets[self.steps].copy_(mask)
         self.steps += 1
         return self.steps >= self.limit
 
     def gathered(self, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first ``steps`` steps as requests [R, steps, V] (a view), and their mask as
-        R·steps bools in the same order (None without masks)."""
-        keep = None if self.keep is None else self.keep[:steps].transpose(0, 1).reshape(-1)
+        R·steps bools in the same order (None without masks); forgets deferred masks."""
+        keep = None
+        if self.keep is not None:
+            keep = self.keep[:steps].transpose(0, 1).reshape(-1)
+        elif self.stop is not None:
+            fed = torch.cat([ids[:, -1:] for ids in self.deferred[:steps]], dim=1)  # [R, steps]
+            keep = torch.isin(fed, self.stop, invert=True).reshape(-1)
+            self.deferred.clear()
         return self.logits[:steps].transpose(0, 1), keep
 
 
@@ -339,14 +374,15 @@ class OutputMonitor:
         logits: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
-        mask: torch.Tensor | None = None,
+        mask: Mask = None,
         continues: bool = False,
     ) -> None:
         """Add the tokens of ``logits`` [..., V] (``labels`` shaped like the leading dims for
-        the NLL; ``mask``: bool, False for tokens to skip, e.g. padding). ``continues``: the
-        requests (rows) stay open across calls until :meth:`end_requests`; a decode step (one
-        position per request, no labels) is gathered with the following ones and observed
-        with them in one pass (module docstring). Sync-free."""
+        the NLL; ``mask``: bool, False for tokens to skip, e.g. padding; from :meth:`attach`
+        during ``generate()``, a mask evaluated when the gathered steps are observed).
+        ``continues``: the requests (rows) stay open across calls until :meth:`end_requests`;
+        a decode step (one position per request, no labels) is gathered with the following
+        ones and observed with them in one pass (module docstring). Sync-free."""
         buf = self._decode
         if (
             continues
@@ -371,10 +407,13 @@ class OutputMonitor:
         self,
         logits: torch.Tensor,
         labels: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: Mask,
         continues: bool,
     ) -> None:
         """:meth:`observe` of anything but the next gathered decode step."""
+        deferred = mask if isinstance(mask, UnfinishedRows) else None
+        if deferred is not None:
+            mask = None
         check_logits(logits)
         lead = logits.shape[:-1]
         if labels is not None:
@@ -397,9 +436,16 @@ class OutputMonitor:
         if mask is not None:
             mask = mask.to(device=logits.device, dtype=torch.bool)
         decode_step = continues and one_each and labels is None
-        if decode_step and self._gather_decode_step(logits, n_tok, mask):
+        if decode_step and self._gather_decode_step(logits, n_tok, deferred or mask):
             return
         self._observe_gathered()
+        if deferred is not None:
+            mask = deferred.evaluate()
+            if mask.shape != lead:
+                raise ValueError(
+                    f"an UnfinishedRows mask is one position per row ({tuple(mask.shape)}), "
+                    f"the logits' leading shape is {tuple(lead)}"
+                )
         keep = None
         if mask is not None:
             keep = mask.reshape(-1)
@@ -476,11 +522,9 @@ class OutputMonitor:
                 f"{requests} continuing requests, but {open_} are open: call end_requests() first"
             )
 
-    def _gather_decode_step(
-        self, logits: torch.Tensor, requests: int, mask: torch.Tensor | None
-    ) -> bool:
+    def _gather_decode_step(self, logits: torch.Tensor, requests: int, mask: Mask) -> bool:
         """Copy a decode step (one position of each of ``requests`` continuing requests, and
-        its bool ``mask`` or None) into the decode buffer, observing the buffer when it is
+        its mask or None) into the decode buffer, observing the buffer when it is
         full. False when steps are not gathered (``decode_batch`` 1, or one step is over
         :data:`DECODE_BUFFER_BYTES`)."""
         step_bytes = requests * logits.shape[-1] * logits.element_size()
@@ -491,7 +535,7 @@ class OutputMonitor:
         buf = self._decode
         if buf is None or not buf.fits(steps, logits, mask):
             self._observe_gathered()
-            buf = self._decode = _DecodeBuffer(requests, steps, logits, mask is not None)
+            buf = self._decode = _DecodeBuffer(requests, steps, logits, mask)
             self._set_flush_limit(buf)
         if buf.add(logits, mask):
             self._observe_gathered()
@@ -682,17 +726,18 @@ class MonitorHandle:
 
             model.generate = generate
 
-    def _finished_rows_mask(self, input_ids: object, rows: int) -> torch.Tensor | None:
-        """During ``generate()``: False for the rows whose last input token is an
-        end-of-sequence or pad id (finished; ``generate`` feeds them pad tokens until the
-        batch is done), as [rows, 1] bools; None when that cannot be told."""
+    def _finished_rows_mask(self, input_ids: object, rows: int) -> UnfinishedRows | None:
+        """During ``generate()``: the mask of the rows still running (False for rows whose
+        last input token is an end-of-sequence or pad id: finished, ``generate`` feeds them
+        pad tokens until the batch is done), evaluated when the steps are observed; None
+        when that cannot be told."""
         if not self._stop_ids or not isinstance(input_ids, torch.Tensor):
             return None
         if input_ids.dim() != 2 or input_ids.shape[0] != rows:
             return None
         if self._stop is None or self._stop.device != input_ids.device:
             self._stop = torch.tensor(self._stop_ids, device=input_ids.device)
-        return unfinished_rows(input_ids, self._stop)
+        return UnfinishedRows(input_ids, self._stop)
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         logits = getattr(output, "logits", None)
@@ -730,7 +775,7 @@ class MonitorHandle:
 def unfinished_rows(input_ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
     """[B, 1] bools: whether each row of a ``generate()`` forward's ``input_ids`` [B, L] is
     still running, i.e. its last token is none of the ``stop`` ids (end-of-sequence, pad)."""
-    return ~torch.isin(input_ids[:, -1:], stop)
+    return torch.isin(input_ids[:, -1:], stop, invert=True)
 
 
 def _stop_token_ids(model: torch.nn.Module, kwargs: dict) -> list[int]:
