@@ -436,7 +436,8 @@ class OutputMonitor:
         if mask is not None:
             mask = mask.to(device=logits.device, dtype=torch.bool)
         decode_step = continues and one_each and labels is None
-        if decode_step and self._gather_decode_step(logits, n_tok, deferred or mask):
+        step_mask = deferred if deferred is not None else mask
+        if decode_step and self._gather_decode_step(logits, n_tok, step_mask):
             return
         self._observe_gathered()
         if deferred is not None:
