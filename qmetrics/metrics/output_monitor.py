@@ -181,7 +181,7 @@ def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
 
 class UnfinishedRows(NamedTuple):
     """The mask of a ``generate()`` step, evaluated when the gathered steps are observed
-    (:func:`unfinished_rows` of ``input_ids`` [B, L] and ``stop``): a step then costs no
+    (:func:`unfinished_rows` of the last of ``input_ids`` [B, L] and ``stop``): a step costs no
     operation for its mask. ``input_ids`` is kept by reference: ``generate`` makes a new
     tensor each step."""
 
@@ -189,7 +189,7 @@ class UnfinishedRows(NamedTuple):
     stop: torch.Tensor
 
     def evaluate(self) -> torch.Tensor:
-        return unfinished_rows(self.input_ids, self.stop)
+        return unfinished_rows(self.input_ids[:, -1:], self.stop)
 
 
 Mask = torch.Tensor | UnfinishedRows | None
@@ -200,24 +200,22 @@ class _DecodeBuffer:
     [K, R, V] (the steps' dtype; step k of request r in ``logits[k, r]``), ``steps``, how many
     of the K are filled, and ``targets``: each step's slot viewed in the shape the steps come
     in, so that gathering a step is one copy (a contiguous one). The steps' masks, all of one
-    ``kind``: none; ``"mask"``, bool masks of the steps' leading shape, copied into ``keep``
-    [K, R] (one more copy per step); ``"deferred"``, :class:`UnfinishedRows` masks of one
-    ``stop``, kept in ``deferred`` and evaluated together."""
+    kind: none; bool masks of the steps' leading shape, copied into ``keep`` [K, R] (one more
+    copy per step); or :class:`UnfinishedRows` masks of one ``stop``, their ``input_ids`` kept
+    in ``deferred`` and evaluated together."""
 
     def __init__(self, requests: int, steps: int, like: torch.Tensor, mask: Mask):
         vocab = like.shape[-1]
         self.logits = torch.empty(steps, requests, vocab, dtype=like.dtype, device=like.device)
         self.shape = like.shape
         self.targets = [self.logits[k].view(like.shape) for k in range(steps)]
-        self.kind: str | None = "deferred" if isinstance(mask, UnfinishedRows) else "mask"
-        if mask is None:
-            self.kind = None
+        deferred = isinstance(mask, UnfinishedRows)
         self.keep = None
         self.keep_targets: list[torch.Tensor] = []
-        if self.kind == "mask":
+        if mask is not None and not deferred:
             self.keep = torch.empty(steps, requests, dtype=torch.bool, device=like.device)
             self.keep_targets = [self.keep[k].view(like.shape[:-1]) for k in range(steps)]
-        self.stop = mask.stop if isinstance(mask, UnfinishedRows) else None
+        self.stop = mask.stop if deferred else None
         self.deferred: list[torch.Tensor] = []
         self.steps = 0
         self.limit = steps  # observe the buffer when this many steps are in
@@ -234,11 +232,11 @@ class _DecodeBuffer:
         if not (same and step.device == buffer.device):
             return False
         if mask is None:
-            return self.kind is None
+            return self.keep is None and self.stop is None
         if isinstance(mask, UnfinishedRows):
-            return self.kind == "deferred" and mask.stop is self.stop
+            return mask.stop is self.stop
         bool_mask = mask.dtype == torch.bool and mask.shape == step.shape[:-1]
-        return self.kind == "mask" and bool_mask
+        return self.keep is not None and bool_mask
 
     def fits(self, steps: int, like: torch.Tensor, mask: Mask) -> bool:
         """Whether this buffer holds ``steps`` steps shaped like ``like`` (and ``mask``)."""
@@ -263,7 +261,7 @@ class _DecodeBuffer:
             keep = self.keep[:steps].transpose(0, 1).reshape(-1)
         elif self.stop is not None:
             fed = torch.cat([ids[:, -1:] for ids in self.deferred[:steps]], dim=1)  # [R, steps]
-            keep = torch.isin(fed, self.stop, invert=True).reshape(-1)
+            keep = unfinished_rows(fed, self.stop).reshape(-1)
             self.deferred.clear()
         return self.logits[:steps].transpose(0, 1), keep
 
@@ -773,10 +771,11 @@ class MonitorHandle:
             self.model.generate = self._generate
 
 
-def unfinished_rows(input_ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
-    """[B, 1] bools: whether each row of a ``generate()`` forward's ``input_ids`` [B, L] is
-    still running, i.e. its last token is none of the ``stop`` ids (end-of-sequence, pad)."""
-    return torch.isin(input_ids[:, -1:], stop, invert=True)
+def unfinished_rows(fed: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """Bools shaped like ``fed``, the tokens ``generate()`` fed its rows ([B, k]: the last of
+    a forward's ``input_ids``, or those of k steps): whether the row was still running, i.e.
+    the token is none of the ``stop`` ids (end-of-sequence, pad)."""
+    return torch.isin(fed, stop, invert=True)
 
 
 def _stop_token_ids(model: torch.nn.Module, kwargs: dict) -> list[int]:
