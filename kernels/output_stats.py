@@ -13,12 +13,13 @@ s ← α·s, h ← α·(h + s·(c − c')). At the end (formulas as in
 :mod:`qmetrics.kernels.output_stats_torch`): lse = m1 + log s, entropy = log s − h/s,
 max_prob = 1/s, margin = −expm1(m2 − m1)/s, nll = (m1 − x[label]) + log s.
 
-Entries that are NaN or ±inf are counted; a row with any is non-finite (``finite`` 0, NaN
-outputs). A label equal to ``ignore_index``, or outside [0, V), gets a NaN NLL and is never
-read. The input is read in place through its batch and sequence strides ([N, V] or [B, T, V],
-unit stride along V): no copy, one read of the logits, only [6, N] fp32 written. No splits of
-V across programs: a decode step's few rows each take one program (a 128k-entry row is ~256 KB,
-microseconds on one SM).
+An entry of −inf is a masked token (probability 0, as in :func:`qmetrics.compare_logits`); a
+label on one gets NLL +inf. Entries that are NaN or +inf are counted; a row with any, or with no
+finite entry, is non-finite (``finite`` 0, NaN outputs). A label equal to ``ignore_index``, or
+outside [0, V), gets a NaN NLL and is never read. The input is read in place through its batch
+and sequence strides ([N, V] or [B, T, V], unit stride along V): no copy, one read of the
+logits, only [6, N] fp32 written. No splits of V across programs: a decode step's few rows
+each take one program (a 128k-entry row is ~256 KB, microseconds on one SM).
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def _output_stats_kernel(
     m2 = tl.full([], _NEG_INF, tl.float32)  # second largest, with multiplicity
     s = tl.zeros([], tl.float32)  # Σ exp(x − anchor)
     h = tl.zeros([], tl.float32)  # Σ exp(x − anchor)·(x − anchor)
-    n_bad = tl.zeros([], tl.int32)  # NaN and ±inf entries
+    n_bad = tl.zeros([], tl.int32)  # NaN and +inf entries
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        ok = tl.abs(x) < _POS_INF  # False for NaN and ±inf
+        ok = x < _POS_INF  # False for NaN and +inf; −inf stays (probability 0)
         n_bad += tl.sum((mask & ~ok).to(tl.int32), axis=0)
         x = tl.where(mask & ok, x, _NEG_INF)
         # the tile's two largest (with multiplicity), merged with the running pair

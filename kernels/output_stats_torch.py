@@ -10,11 +10,13 @@ m2 = m1 on a tie), d_i = x_i − m1, e_i = exp(d_i), s = Σ e, h = Σ e·d:
     margin   = p1 − p2 = (1 − exp(m2 − m1))/s = −expm1(m2 − m1)/s      (V = 1: m2 = −inf, 1)
     nll      = lse − x[label] = (m1 − x[label]) + log s
 
-A row holding any NaN or ±inf entry is non-finite: ``finite`` 0 and NaN everywhere else (the
-eager path detects it from Σx, which is finite exactly when every entry is, short of entries
-above 1e33 in magnitude; the compiled path from m1 and h = Σ e·d, which a −inf entry makes
-0·(−inf) = NaN). A label equal to ``ignore_index``, or outside [0, V), gets a NaN NLL and is
-never read.
+An entry of −inf is a masked token: probability 0, as in :func:`qmetrics.compare_logits` (its
+term e·d of h is 0, not 0·(−inf) = NaN: the eager path clamps d to the lowest fp32 number, the
+compiled one selects 0 in its fused loop); a label on one gets NLL +inf. A row holding a NaN
+or +inf entry, or no finite entry, is non-finite: ``finite`` 0 and NaN everywhere else. Both
+paths detect it from m1 alone (the maximum propagates NaN, is +inf with a +inf entry and −inf
+without a finite one). A label equal to ``ignore_index``, or outside [0, V), gets a NaN NLL
+and is never read.
 
 Two implementations with the same outputs (as in :mod:`qmetrics.kernels.logit_compare_torch`):
 
@@ -45,6 +47,8 @@ from qmetrics.kernels.torch_compile import (
 
 #: Rows of the [6, N] fp32 result, in order (``finite`` is 1.0 or 0.0).
 OUTPUTS = ("entropy", "max_prob", "margin", "lse", "nll", "finite")
+# The clamp of x − m1: exp of it is 0, and 0 times it is 0 (−inf entries are probability 0).
+_LOWEST = torch.finfo(torch.float32).min
 # About 1 MiB of fp32 per [chunk, V] buffer: three buffers stay in the last-level cache.
 _CHUNK_ELEMENTS = 1 << 18
 
@@ -64,10 +68,10 @@ class _Buffers:
 def _chunk_stats(x: torch.Tensor, buf: _Buffers) -> tuple[torch.Tensor, ...]:
     """(m1 anchor a, log s, entropy, max_prob, margin, finite) of the rows of fp32 ``x`` [r, V]."""
     r = x.shape[0]
-    m1 = x.amax(dim=-1)
-    finite = torch.isfinite(x.sum(dim=-1))
-    a = torch.where(torch.isfinite(m1), m1, 0.0)  # a finite anchor even for a bad row
-    d = torch.sub(x, a[:, None], out=buf.d[:r])
+    m1 = x.amax(dim=-1)  # NaN, +inf or −inf exactly for a non-finite row
+    finite = torch.isfinite(m1)
+    a = torch.where(finite, m1, 0.0)  # a finite anchor even for a bad row
+    d = torch.sub(x, a[:, None], out=buf.d[:r]).clamp_min_(_LOWEST)
     e = torch.exp(d, out=buf.e[:r])
     s = e.sum(dim=-1)
     tie = torch.eq(d, 0.0, out=buf.tie[:r])  # the entries equal to m1
@@ -99,13 +103,13 @@ def plain_output_stats(
     # dynamic row counts inductor does not fuse them); two expressions are fused, CSE'd to one
     # exp per logit, and nothing of size [N, V] is written.
     s = torch.exp(d).sum(dim=-1)
-    h = (torch.exp(d) * d).sum(dim=-1)  # NaN when a −inf entry meets e = 0
+    h = torch.where(d > -torch.inf, torch.exp(d) * d, 0.0).sum(dim=-1)  # −inf entries: 0
     tie = d == 0.0
     ties = tie.float().sum(dim=-1)
     d2 = torch.where(tie, -torch.inf, d).amax(dim=-1)  # m2 − m1 without the maxima
     d2 = torch.where(ties > 1.0, 0.0, d2)
     m1 = m1.squeeze(-1)
-    finite = torch.isfinite(m1) & torch.isfinite(h)
+    finite = torch.isfinite(m1)
     log_s = torch.log(s)
     nan = torch.full_like(s, torch.nan)
     entropy = torch.where(finite, log_s - h / s, nan)

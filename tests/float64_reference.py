@@ -241,14 +241,16 @@ def reference_output_stats(
     logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int = -100
 ) -> dict[str, torch.Tensor]:
     """float64 entropy, max_prob, margin, lse, nll, finite of ``logits`` [..., V] (direct
-    softmax; a row with any NaN/±inf entry is non-finite and NaN)."""
+    softmax, the conventions of the module docstring: −inf entries are probability 0, a label
+    on one has NLL +inf; a row with NaN/+inf, or no finite entry, is non-finite and NaN)."""
     x = logits.double()
-    finite = torch.isfinite(x).all(-1)
+    bad = torch.isnan(x) | (x == math.inf)
+    finite = ~bad.any(-1) & torch.isfinite(x).any(-1)
     x = torch.where(finite[..., None], x, torch.zeros((), dtype=x.dtype))
     lse = torch.logsumexp(x, -1)
     logp = x - lse[..., None]
     p = logp.exp()
-    entropy = -(p * logp).sum(-1)
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
     sorted_p = p.sort(-1, descending=True).values
     p1 = sorted_p[..., 0]
     p2 = sorted_p[..., 1] if x.shape[-1] > 1 else torch.zeros_like(p1)

@@ -144,6 +144,32 @@ def test_nonfinite_tokens_are_counted_never_averaged() -> None:
     assert alarms[0].name == "nonfinite_frac" and alarms[0].value == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not compiler_available(), reason="torch.compile needs a C++ compiler"))])  # fmt: skip
+def test_masked_logits_are_scored_and_masked_labels_counted(compile: bool) -> None:
+    """Logits after a top-k mask (−inf outside the top 8) are ordinary tokens of the
+    statistics; a label on a masked entry (probability 0, NLL +inf) makes its token non-finite:
+    counted, in no statistic."""
+    x = _logits(2, 10)
+    kth = x.topk(8, dim=-1).values[..., -1:]
+    x = x.masked_fill(x < kth, float("-inf"))
+    labels = x.argmax(-1)
+    labels[1, 3] = int(torch.nonzero(x[1, 3] == float("-inf"))[0])
+    mon = OutputMonitor(compile=compile)
+    mon.observe(x, labels)
+    s = mon.summary()
+    assert (s.tokens, s.nonfinite) == (20, 1)
+    want = output_stats(x, labels)
+    assert want.finite.all() and want.nll[1, 3] == float("inf")
+    scored = torch.ones(2, 10, dtype=torch.bool)
+    scored[1, 3] = False
+    for name in ("entropy", "max_prob", "margin", "nll"):
+        values = getattr(want, name)[scored].double()
+        assert s.stats[name].count == 19, name
+        assert s.stats[name].mean == pytest.approx(float(values.mean()), rel=1e-5), name
+    assert s.nonfinite_fraction == pytest.approx(1 / 20)
+
+
 def test_observe_makes_no_host_sync() -> None:
     mon = OutputMonitor(window_tokens=16, buckets=2)
     x, labels = _logits(2, 5), torch.randint(0, 64, (2, 5))

@@ -91,17 +91,34 @@ def test_torch_backend_copies_no_logits(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_entries_flag_the_token(backend: str) -> None:
-    x = _inputs((6, 50), torch.float32, seed=3)
+    """NaN, +inf and a row without a finite entry flag the token; −inf entries are masked
+    tokens of probability 0 (the row stays finite, a label on one has NLL +inf)."""
+    x = _inputs((7, 50), torch.float32, seed=3)
     x[0, 3] = float("nan")
     x[1, 4] = float("inf")
-    x[2, 5] = float("-inf")
-    x[3, :] = float("-inf")
-    labels = torch.arange(6)
+    x[2, :] = float("-inf")
+    x[3, 2] = float("-inf")
+    x[3, 7] = float("nan")  # NaN beside −inf still flags the row
+    x[4, 5] = x[4, 9] = float("-inf")
+    x[5, :] = float("-inf")
+    x[5, 11] = 1.5  # one finite entry: a certain token
+    labels = torch.arange(7)
+    labels[4] = 9  # the label is masked: NLL +inf
     got = output_stats(x, labels, backend=backend)
-    assert got.finite.tolist() == [False, False, False, False, True, True]
+    assert got.finite.tolist() == [False, False, False, False, True, True, True]
     for name, value in got.to_dict().items():
         if name != "finite":
-            assert torch.isnan(value[:4]).all() and torch.isfinite(value[4:]).all(), name
+            assert torch.isnan(value[:4]).all(), name
+    ref = reference_stats(x, labels)
+    assert_matches(got, ref, torch.float32)
+    assert got.nll[4] == float("inf") and torch.isfinite(got.entropy[4])
+    assert got.max_prob[5] == 1.0 and got.margin[5] == 1.0 and got.entropy[5] == 0.0
+    assert got.nll[5] == float("inf") and got.lse[5] == 1.5
+    # the masked entries change nothing else: the row without them gives the same numbers
+    kept = torch.cat([x[4, :5], x[4, 6:9], x[4, 10:]])
+    alone = output_stats(kept[None], backend=backend)
+    for name in ("entropy", "max_prob", "margin", "lse"):
+        torch.testing.assert_close(getattr(got, name)[4:5], getattr(alone, name), msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

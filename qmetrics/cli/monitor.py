@@ -10,8 +10,8 @@ row per statistic and each alarm, writes ``DIR/monitor.jsonl`` (snapshot + alarm
 ``DIR/snapshot.json`` and ``DIR/metrics.prom`` (with ``qmetrics[monitor]``), and exits 1 on an
 alarm (or a broken ``--fail-if`` rule, over the names of
 :data:`qmetrics.reports.monitor.GATE_NAMES`), 2 on bad input: a profile of another vocabulary
-or tokenizer, a corpus without tokens, a candidate whose logits hold NaN/inf (counted, reported
-and left out of every statistic first).
+or tokenizer, a corpus without tokens, a candidate with non-finite outputs (NaN/+inf logits, or
+a label of probability 0: counted, reported and left out of every statistic first).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def _check(args: argparse.Namespace) -> int:
     if summary.nonfinite:
         raise UsageError(
             f"non-finite logits: {entry.name} produced {summary.nonfinite} of "
-            f"{summary.tokens} tokens with NaN/inf logits (left out of every "
-            "statistic)"
+            f"{summary.tokens} tokens with NaN/+inf logits, none finite, or a label of "
+            "probability 0 (left out of every statistic)"
         )
     return EXIT_GATE if alarms or violations else EXIT_OK

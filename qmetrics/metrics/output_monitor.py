@@ -91,11 +91,13 @@ def token_moments(
     ``delta`` [S, 9] float64 (``_MOMENTS``; its per-request columns count each run of
     ``per_request`` tokens as a finished request), the histogram counts [S, bins], the number
     of non-finite tokens and the per-request (sum, count) [S, R, 2]. ``keep``: N bools
-    (False: not counted) or None. Plain tensor ops: run eagerly, or compiled with
-    :func:`plain_output_stats` on the CPU (:func:`_observe_plain`)."""
+    (False: not counted) or None. A token is non-finite when its logits are (NaN/+inf, or no
+    finite entry) or its label has probability 0 (NLL +inf): counted, in no statistic.
+    Plain tensor ops: run eagerly, or compiled with :func:`plain_output_stats` on the CPU
+    (:func:`_observe_plain`)."""
     values = torch.stack([raw[k] for k in _STAT_ROWS])  # [S, N]
-    valid = torch.isfinite(values)
-    bad = raw[5] == 0
+    bad = (raw[5] == 0) | (raw[4] == torch.inf)
+    valid = torch.isfinite(values) & ~bad
     if keep is not None:
         valid, bad = valid & keep, bad & keep
     hist = bin_counts(values, valid, lo, scale, offset, bins)

@@ -8,7 +8,11 @@ Per token, with P = softmax(logits), p1 ≥ p2 its two largest probabilities:
 - ``lse``      log Σ exp(logits)
 - ``nll``      −log p[label] (with labels; NaN where the label is ``ignore_index`` or out of
   range)
-- ``finite``   False when the token's logits hold a NaN or ±inf: its other fields are NaN
+- ``finite``   False when the token's logits hold a NaN or +inf, or no finite entry: its other
+  fields are NaN
+
+A logit of −inf is a masked token (probability 0, as in :func:`qmetrics.compare_logits`:
+logits after top-k or vocabulary masks are finite rows); a label on one has NLL +inf.
 """
 
 from __future__ import annotations

@@ -87,7 +87,10 @@ def prometheus_families(
     p = f"{prefix}monitor_"
     tokens = CounterMetricFamily(f"{p}tokens", "tokens observed")
     tokens.add_metric([], snapshot.get("tokens_total", summary.tokens))
-    nonfinite = CounterMetricFamily(f"{p}nonfinite_tokens", "tokens with NaN/inf logits")
+    nonfinite = CounterMetricFamily(
+        f"{p}nonfinite_tokens",
+        "tokens with NaN/+inf or no finite logits, or a label of probability 0",
+    )
     nonfinite.add_metric([], snapshot.get("nonfinite_total", summary.nonfinite))
     window = GaugeMetricFamily(f"{p}window_tokens", "tokens in the current window")
     window.add_metric([], summary.tokens)
