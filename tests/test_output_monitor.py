@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -67,12 +68,21 @@ def test_moments_and_clustered_se_match_numpy() -> None:
 
 
 def test_open_requests_are_one_cluster_each() -> None:
-    """Chunks of one request (``continues=True``) form one cluster: the same se as the whole."""
+    """Chunks of one request (``continues=True``) form one cluster: the same se as the whole.
+    A read while the requests are open counts them as clusters of their tokens so far (not the
+    iid se of a window without closed requests) and leaves them open."""
     x = _logits(4, 30)
     whole, chunked = OutputMonitor(), OutputMonitor()
     whole.observe(x)
-    for sl in (slice(0, 7), slice(7, 19), slice(19, 30)):
+    for sl in (slice(0, 7), slice(7, 19)):
         chunked.observe(x[:, sl], continues=True)
+    so_far, first = chunked.summary().stats["entropy"], OutputMonitor()
+    first.observe(x[:, :19])
+    want = first.summary().stats["entropy"]
+    assert (so_far.count, so_far.clusters) == (want.count, want.clusters) == (76, 4)
+    assert so_far.se == pytest.approx(want.se, rel=1e-9)
+    assert so_far.design_effect == pytest.approx(want.design_effect, rel=1e-9)
+    chunked.observe(x[:, 19:], continues=True)
     chunked.end_requests()
     a, b = whole.summary().stats["entropy"], chunked.summary().stats["entropy"]
     assert (a.count, a.clusters) == (b.count, b.clusters) == (120, 4)
@@ -168,6 +178,57 @@ def test_masked_logits_are_scored_and_masked_labels_counted(compile: bool) -> No
         assert s.stats[name].count == 19, name
         assert s.stats[name].mean == pytest.approx(float(values.mean()), rel=1e-5), name
     assert s.nonfinite_fraction == pytest.approx(1 / 20)
+
+
+def test_a_read_from_another_thread_waits_for_the_monitor(monkeypatch) -> None:
+    """A read (``summary``, as a Prometheus scrape from its server thread) that flushes the
+    gathered decode steps while the serving thread observes the next step: the monitor's lock
+    makes the step wait, and the window equals the one of a run without the read. Forced
+    deterministically: the read pauses inside the flush until the step is added (or 0.5 s
+    passed); without the lock the step overwrote a slot the flush was still reading."""
+    steps = [_logits(4, 1, v=256, seed=k) for k in range(40)]
+    alone = OutputMonitor(compile=False)
+    for step in steps:
+        alone.observe(step, continues=True)
+    alone.end_requests()
+
+    mon = OutputMonitor(compile=False)
+    in_flush, added, go = threading.Event(), threading.Event(), threading.Event()
+    gathered, add = output_monitor._DecodeBuffer.gathered, output_monitor._DecodeBuffer.add
+    reader = {}
+
+    def paused_gathered(self, n):
+        out = gathered(self, n)
+        if threading.current_thread() is reader.get("thread"):
+            in_flush.set()
+            added.wait(timeout=0.5)
+        return out
+
+    def signalling_add(self, step, mask):
+        full = add(self, step, mask)
+        if in_flush.is_set():
+            added.set()
+        return full
+
+    monkeypatch.setattr(output_monitor._DecodeBuffer, "gathered", paused_gathered)
+    monkeypatch.setattr(output_monitor._DecodeBuffer, "add", signalling_add)
+    thread = threading.Thread(target=lambda: (go.wait(5), mon.summary()))
+    reader["thread"] = thread
+    thread.start()
+    for k, step in enumerate(steps):
+        if k == 10:
+            go.set()
+            assert in_flush.wait(timeout=5), "the read did not start"
+        mon.observe(step, continues=True)
+    thread.join()
+    mon.end_requests()
+    got, want = mon.summary(), alone.summary()
+    assert got.tokens == want.tokens == 160
+    for name, st in want.stats.items():
+        other = got.stats[name]
+        assert (other.count, other.clusters, other.hist) == (st.count, st.clusters, st.hist)
+        assert other.mean == pytest.approx(st.mean, rel=1e-12), name
+        assert other.se == pytest.approx(st.se, rel=1e-9), name
 
 
 def test_observe_makes_no_host_sync() -> None:

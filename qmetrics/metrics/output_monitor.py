@@ -27,15 +27,22 @@ Rolling window by token count: ``window_tokens`` tokens are kept as ``buckets`` 
 the next call first clears the oldest bucket and makes it current, so the window spans the
 last (buckets − 1)·size to buckets·size tokens (a call larger than a bucket overfills its
 bucket: calls are never split). A request's cluster sums go to the bucket current when it
-ends, the one holding its last tokens. Tokens given with ``mask`` False count in the window
+ends, the one holding its last tokens; a read (:meth:`OutputMonitor.summary`) counts requests
+still open as clusters of their tokens so far, so every token of the window is in some
+request's sums. Tokens given with ``mask`` False count in the window
 but in no statistic. ``window_tokens=None``: one window of everything observed. Gathered
 decode steps enter the window (and ``tokens_total``) when their batch is observed. Only
 :meth:`snapshot`, :meth:`summary` and :meth:`check` read the device.
+
+Threads: observing, closing requests and reads take one lock (a scrape from a Prometheus
+server's thread while the serving thread observes); a read takes the window's tensors under
+it and waits for the device outside it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -288,6 +295,33 @@ class _Bucket:
         self.tokens, self.first_token = 0, first_token
 
 
+class _Capture(NamedTuple):
+    """A window's state at one moment (:meth:`OutputMonitor._capture`): device tensors taken
+    under the monitor's lock, read back by :meth:`summary` without it."""
+
+    first_token: int
+    tokens: int
+    moments: torch.Tensor | None  # [S, 9] float64, _MOMENTS
+    hist: torch.Tensor | None  # [S, bins]
+    nonfinite: torch.Tensor | None  # () int64
+    tokens_total: int
+    vocab_size: int | None
+    nonfinite_total: torch.Tensor | None  # () int64
+
+    def summary(self) -> WindowSummary:
+        """The :class:`WindowSummary` (reads the device)."""
+        if self.moments is None:
+            return WindowSummary(0, 0, 0, self.vocab_size, {})
+        moments, hist = self.moments.cpu().numpy(), self.hist.cpu().numpy()
+        stats = {}
+        for k, name in enumerate(STATISTICS):
+            summary = _stat_summary(moments[k], hist[k])
+            if summary is not None:
+                stats[name] = summary
+        window = self.first_token, self.tokens, int(self.nonfinite)
+        return WindowSummary(*window, self.vocab_size, stats)
+
+
 class OutputMonitor:
     """Rolling per-request output statistics (module docstring).
 
@@ -349,6 +383,9 @@ class OutputMonitor:
         self._calls = 0
         self._request_log: list[torch.Tensor] = []  # closed requests' [S, R, 2] sums, in order
         self._logged = 0
+        # observe, end_requests, reset and reads take it: a scrape (Prometheus) from another
+        # thread never sees, or breaks, a half-done step
+        self._lock = threading.RLock()
 
     # --- accumulation (no host synchronisation) --------------------------------------------------
 
@@ -382,24 +419,27 @@ class OutputMonitor:
         during ``generate()``, a mask evaluated when the gathered steps are observed).
         ``continues``: the requests (rows) stay open across calls until :meth:`end_requests`;
         a decode step (one position per request, no labels) is gathered with the following
-        ones and observed with them in one pass (module docstring). Sync-free."""
-        buf = self._decode
-        if (
-            continues
-            and labels is None
-            and buf is not None
-            and self.sample_every == 1
-            and isinstance(logits, torch.Tensor)
-            and buf.takes(logits, mask)
-            and self._open_requests() in (None, buf.requests)
-        ):
-            # the next step of the gathered requests, shaped as the first one (checked then):
-            # one copy; the fewer operations, the less a decode step pays for cold caches
-            self._calls += 1
-            if buf.add(logits, mask):
-                self._observe_gathered()
-            return
-        self._observe(logits, labels, mask, continues)
+        ones and observed with them in one pass (module docstring). Sync-free; thread-safe
+        with reads (a scrape from another thread) and other observes."""
+        with self._lock:
+            buf = self._decode
+            if (
+                continues
+                and labels is None
+                and buf is not None
+                and self.sample_every == 1
+                and isinstance(logits, torch.Tensor)
+                and buf.takes(logits, mask)
+                and self._open_requests() in (None, buf.requests)
+            ):
+                # the next step of the gathered requests, shaped as the first one (checked
+                # then): one copy; the fewer operations, the less a decode step pays for cold
+                # caches
+                self._calls += 1
+                if buf.add(logits, mask):
+                    self._observe_gathered()
+                return
+            self._observe(logits, labels, mask, continues)
 
     @outside_inference_mode
     @torch.no_grad()
@@ -600,58 +640,74 @@ class OutputMonitor:
 
     def end_requests(self) -> None:
         """Close the requests opened by ``observe(..., continues=True)``."""
-        self._observe_gathered()
-        if self._open is not None:
-            self._fold(self._open)
-            self._open = None
+        with self._lock:
+            self._observe_gathered()
+            if self._open is not None:
+                self._fold(self._open)
+                self._open = None
 
     def reset(self) -> None:
         """Forget everything observed (the vocabulary size too)."""
-        self.__init__(
-            self.window_tokens,
-            buckets=self.n_buckets,
-            backend=self.backend,
-            ignore_index=self.ignore_index,
-            keep_requests=self.keep_requests,
-            compile=self.compile,
-            sample_every=self.sample_every,
-            decode_batch=self.decode_batch,
-        )
+        with self._lock:
+            lock = self._lock
+            self.__init__(
+                self.window_tokens,
+                buckets=self.n_buckets,
+                backend=self.backend,
+                ignore_index=self.ignore_index,
+                keep_requests=self.keep_requests,
+                compile=self.compile,
+                sample_every=self.sample_every,
+                decode_batch=self.decode_batch,
+            )
+            self._lock = lock  # threads waiting on it see the new state
 
     def request_sums(self) -> np.ndarray:
         """[C, S, 2] float64: (sum, count) of each statistic for the first ``keep_requests``
         closed requests, in the order they closed (for paired checks on a known corpus)."""
-        if not self._request_log:
-            return np.zeros((0, len(STATISTICS), 2))
-        sums = torch.cat(self._request_log, dim=1).transpose(0, 1)
-        return sums[: self.keep_requests].cpu().numpy()
+        with self._lock:
+            if not self._request_log:
+                return np.zeros((0, len(STATISTICS), 2))
+            sums = torch.cat(self._request_log, dim=1).transpose(0, 1)[: self.keep_requests]
+        return sums.cpu().numpy()
 
     # --- reading (host synchronisation) --------------------------------------------------------
 
+    def _capture(self) -> _Capture:
+        """The window's state as new device tensors, under the lock (gathered decode steps
+        observed first; open requests counted as clusters of their tokens so far, and left
+        open): later observes do not change it, and reading it back waits outside the lock."""
+        with self._lock:
+            self._observe_gathered()
+            totals = self.tokens_total, self.vocab_size
+            if not self._buckets:
+                return _Capture(0, 0, None, None, None, *totals, None)
+            live = [b for b in self._buckets if b.tokens > 0] or self._buckets[:1]
+            moments = torch.stack([b.moments for b in live]).sum(0)
+            if self._open is not None:  # requests still open: clusters of their tokens so far
+                moments[:, _CLUSTER] += cluster_moments(self._open)
+            return _Capture(
+                min(b.first_token for b in live),
+                sum(b.tokens for b in live),
+                moments,
+                torch.stack([b.hist.counts for b in live]).sum(0),
+                torch.stack([b.nonfinite for b in live]).sum(),
+                *totals,
+                self._nonfinite_total.clone(),
+            )
+
     def summary(self) -> WindowSummary:
         """The current window, read back: :class:`qmetrics.metrics.drift.WindowSummary`
-        (gathered decode steps are observed first)."""
-        self._observe_gathered()
-        if not self._buckets:
-            return WindowSummary(0, 0, 0, self.vocab_size, {})
-        live = [b for b in self._buckets if b.tokens > 0] or self._buckets[:1]
-        moments = torch.stack([b.moments for b in live]).sum(0).cpu().numpy()
-        hist = torch.stack([b.hist.counts for b in live]).sum(0).cpu().numpy()
-        nonfinite = int(torch.stack([b.nonfinite for b in live]).sum())
-        first = min(b.first_token for b in live)
-        tokens = sum(b.tokens for b in live)
-        stats = {}
-        for k, name in enumerate(STATISTICS):
-            summary = _stat_summary(moments[k], hist[k])
-            if summary is not None:
-                stats[name] = summary
-        return WindowSummary(first, tokens, nonfinite, self.vocab_size, stats)
+        (gathered decode steps are observed first; open requests count as clusters of their
+        tokens so far, and stay open)."""
+        return self._capture().summary()
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's state as a JSON-ready dict: totals, the window, and per statistic
         count, mean ± clustered se, sd, requests and the 5/50/95th percentiles (from the
-        histogram: exact to one grid bin)."""
-        s = self.summary()
+        histogram: exact to one grid bin). Totals and window are read at one moment."""
+        capture = self._capture()
+        s = capture.summary()
         stats = {}
         for name, st in s.stats.items():
             edges = GRIDS[name].edges()
@@ -668,11 +724,11 @@ class OutputMonitor:
                 "requests": st.clusters,
                 **pct,
             }
-        nonfinite_total = int(self._nonfinite_total) if self._nonfinite_total is not None else 0
+        nonfinite_total = capture.nonfinite_total
         return {
-            "tokens_total": self.tokens_total,
+            "tokens_total": capture.tokens_total,
             "sample_every": self.sample_every,
-            "nonfinite_total": nonfinite_total,
+            "nonfinite_total": 0 if nonfinite_total is None else int(nonfinite_total),
             "vocab_size": self.vocab_size,
             "window": {**s.window(), "nonfinite": s.nonfinite},
             "stats": stats,
