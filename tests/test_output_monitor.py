@@ -652,16 +652,32 @@ def test_attach_observes_generate_and_scoring_calls() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("decode_batch", [64, 3, 1])
-def test_attach_skips_rows_that_finished_during_generate(decode_batch: int) -> None:
+@pytest.mark.parametrize(("decode_batch", "ids_bytes"), [(64, None), (3, None), (1, None),
+                                                         (64, 40)])  # fmt: skip
+def test_attach_skips_rows_that_finished_during_generate(
+    decode_batch: int, ids_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``generate`` runs a finished row on (feeding it pad tokens) until the whole batch is
     done: those steps are not the row's. With seed 0 the greedy rows are [61, 64, 19, …] and
     [49, 12, 63, 16, 89, 83, 43, 88]; with end-of-sequence id 19 the first row ends after 3
     tokens, and only those count (the statistics of its first 3 steps' logits): with the
     steps gathered (their masks evaluated when observed; every 3 steps, or all at the end)
-    or observed one by one."""
+    or observed one by one. ``ids_bytes``: the kept ``input_ids`` (here the prompt's [2, 9]
+    int64, 144 bytes, then [2, 1] per step) bounded to 40 bytes: the masks are evaluated
+    whenever the kept tensors hold more."""
     pytest.importorskip("transformers")
     from tests.tiny_models import tiny_llama
+
+    resolves, resolve = [], output_monitor._DecodeBuffer._resolve
+    if ids_bytes is not None:
+        monkeypatch.setattr(output_monitor, "DEFERRED_IDS_BYTES", ids_bytes)
+
+    def spy_resolve(buf, steps: int) -> None:
+        newest = buf.deferred[-1].untyped_storage().nbytes() if buf.deferred else 0
+        resolves.append((len(buf.deferred), buf.deferred_bytes, newest))
+        resolve(buf, steps)
+
+    monkeypatch.setattr(output_monitor._DecodeBuffer, "_resolve", spy_resolve)
 
     model = tiny_llama(96)
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -680,3 +696,11 @@ def test_attach_skips_rows_that_finished_during_generate(decode_batch: int) -> N
     assert sums[:, 0, 1].tolist() == [3.0, 8.0]
     first_row = output_stats(torch.stack(steps[:3])[:, 0]).entropy.double().sum().item()
     assert sums[0, 0, 0] == pytest.approx(first_row, rel=1e-5)
+    if decode_batch > 1:  # the 8 steps' masks (the prompt's last position too), evaluated
+        counts = [n for n, _, _ in resolves]
+        assert sum(counts) == 8
+        if ids_bytes is None:
+            assert counts == ([8] if decode_batch == 64 else [3, 3, 2])
+        else:  # as soon as the kept tensors hold more than the bound (the last: at the end)
+            assert len(resolves) > 2
+            assert all(held > ids_bytes >= held - newest for _, held, newest in resolves[:-1])

@@ -75,6 +75,9 @@ _CLUSTER = slice(_M["cl_n"], len(_MOMENTS))  # the per-request columns, last in 
 QUANTILES = (0.05, 0.5, 0.95)
 #: The most memory (bytes, on the logits' device) the gathered decode steps of one monitor hold.
 DECODE_BUFFER_BYTES = 16 << 20
+#: The most storage (bytes) of ``generate()``'s ``input_ids`` tensors that gathered decode steps
+#: keep referenced for their deferred finished-rows masks before evaluating them.
+DEFERRED_IDS_BYTES = 16 << 20
 
 
 def cluster_moments(sums: torch.Tensor) -> torch.Tensor:
@@ -191,8 +194,8 @@ def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
 class UnfinishedRows(NamedTuple):
     """The mask of a ``generate()`` step, evaluated when the gathered steps are observed
     (:func:`unfinished_rows` of the last of ``input_ids`` [B, L] and ``stop``): a step costs no
-    operation for its mask. ``input_ids`` is kept by reference: ``generate`` makes a new
-    tensor each step."""
+    operation for its mask. ``input_ids`` is kept by reference (``generate`` makes a new
+    tensor each step), at most :data:`DEFERRED_IDS_BYTES` of them per monitor."""
 
     input_ids: torch.Tensor
     stop: torch.Tensor
@@ -211,7 +214,8 @@ class _DecodeBuffer:
     in, so that gathering a step is one copy (a contiguous one). The steps' masks, all of one
     kind: none; bool masks of the steps' leading shape, copied into ``keep`` [K, R] (one more
     copy per step); or :class:`UnfinishedRows` masks of one ``stop``, their ``input_ids`` kept
-    in ``deferred`` and evaluated together."""
+    in ``deferred`` and evaluated together into ``keep`` — when the steps are observed, or
+    sooner once the kept tensors hold more than :data:`DEFERRED_IDS_BYTES`."""
 
     def __init__(self, requests: int, steps: int, like: torch.Tensor, mask: Mask):
         vocab = like.shape[-1]
@@ -221,11 +225,14 @@ class _DecodeBuffer:
         deferred = isinstance(mask, UnfinishedRows)
         self.keep = None
         self.keep_targets: list[torch.Tensor] = []
-        if mask is not None and not deferred:
+        if mask is not None:
             self.keep = torch.empty(steps, requests, dtype=torch.bool, device=like.device)
-            self.keep_targets = [self.keep[k].view(like.shape[:-1]) for k in range(steps)]
+            if not deferred:
+                self.keep_targets = [self.keep[k].view(like.shape[:-1]) for k in range(steps)]
         self.stop = mask.stop if deferred else None
-        self.deferred: list[torch.Tensor] = []
+        self.deferred: list[torch.Tensor] = []  # input_ids of steps resolved ... steps - 1
+        self.deferred_bytes = 0  # the storage those tensors hold
+        self.resolved = 0  # steps whose deferred mask is in keep
         self.steps = 0
         self.limit = steps  # observe the buffer when this many steps are in
 
@@ -241,11 +248,11 @@ class _DecodeBuffer:
         if not (same and step.device == buffer.device):
             return False
         if mask is None:
-            return self.keep is None and self.stop is None
+            return self.keep is None
         if isinstance(mask, UnfinishedRows):
             return mask.stop is self.stop
         bool_mask = mask.dtype == torch.bool and mask.shape == step.shape[:-1]
-        return self.keep is not None and bool_mask
+        return self.keep is not None and self.stop is None and bool_mask
 
     def fits(self, steps: int, like: torch.Tensor, mask: Mask) -> bool:
         """Whether this buffer holds ``steps`` steps shaped like ``like`` (and ``mask``)."""
@@ -257,21 +264,34 @@ class _DecodeBuffer:
         self.targets[self.steps].copy_(step.detach() if step.requires_grad else step)
         if isinstance(mask, UnfinishedRows):
             self.deferred.append(mask.input_ids)
+            self.deferred_bytes += mask.input_ids.untyped_storage().nbytes()
+            if self.deferred_bytes > DEFERRED_IDS_BYTES:
+                self._resolve(self.steps + 1)
         elif mask is not None:
             self.keep_targets[self.steps].copy_(mask)
         self.steps += 1
         return self.steps >= self.limit
 
+    def _resolve(self, steps: int) -> None:
+        """Evaluate the deferred masks of steps ``resolved`` ... ``steps`` − 1 into ``keep``
+        and let their ``input_ids`` go."""
+        if self.deferred:
+            fed = torch.cat([ids[:, -1:] for ids in self.deferred], dim=1)  # [R, n]
+            self.keep[self.resolved : steps].copy_(unfinished_rows(fed, self.stop).t())
+            self.deferred.clear()
+            self.deferred_bytes = 0
+        self.resolved = steps
+
     def gathered(self, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first ``steps`` steps as requests [R, steps, V] (a view), and their mask as
-        R·steps bools in the same order (None without masks); forgets deferred masks."""
+        R·steps bools in the same order (None without masks); evaluates the deferred masks
+        and starts the buffer over."""
         keep = None
+        if self.stop is not None:
+            self._resolve(steps)
+            self.resolved = 0
         if self.keep is not None:
             keep = self.keep[:steps].transpose(0, 1).reshape(-1)
-        elif self.stop is not None:
-            fed = torch.cat([ids[:, -1:] for ids in self.deferred[:steps]], dim=1)  # [R, steps]
-            keep = unfinished_rows(fed, self.stop).reshape(-1)
-            self.deferred.clear()
         return self.logits[:steps].transpose(0, 1), keep
 
 
