@@ -57,7 +57,7 @@ def test_matches_reference(rows) -> None:
 
 
 @pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=15)
 @given(logit_rows(min_vocab=8, max_vocab=8))
 def test_compiled_matches_reference(rows) -> None:
     """One V, so that the examples share one compiled function (new row counts do not
