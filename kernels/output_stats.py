@@ -9,7 +9,7 @@ running state is
                                                       (with multiplicity: m2 = m1 on a tie)
 
 and when a tile raises the maximum from c to c', with α = exp(c − c'):
-s ← α·s, h ← α·(h + s·(c − c')). At the end (formulas as in
+s ← α·s, h ← α·h + (α·s)·(c − c'). At the end (formulas as in
 :mod:`qmetrics.kernels.output_stats_torch`): lse = m1 + log s, entropy = log s − h/s,
 max_prob = 1/s, margin = −expm1(m2 − m1)/s, nll = (m1 − x[label]) + log s.
 
@@ -32,6 +32,7 @@ from qmetrics.kernels.output_stats_torch import OUTPUTS
 NUM_OUTPUTS = len(OUTPUTS)
 _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite fp32 number
 
 
 @triton.jit
@@ -77,14 +78,17 @@ def _output_stats_kernel(
         t2 = tl.where(n_top > 1, t1, tl.max(tl.where(x == t1, _NEG_INF, x), axis=0))
         m2 = tl.maximum(tl.maximum(m2, t2), tl.minimum(m1, t1))
         new_m1 = tl.maximum(m1, t1)
-        # move the anchor to the new maximum: s ← α s, h ← α (h + s (c − c'))
+        # move the anchor to the new maximum: s ← α s, h ← α h + (α s) (c − c')
         c_old = tl.where(m1 == _NEG_INF, 0.0, m1)
         c_new = tl.where(new_m1 == _NEG_INF, 0.0, new_m1)
-        alpha = tl.exp(tl.minimum(c_old - c_new, 0.0))  # c_old = 0 only while s = h = 0
-        h = alpha * (h + s * (c_old - c_new))
+        # differences of finite fp32 logits can overflow to −inf (|x| > 1.7e38): clamped to
+        # the lowest finite number, whose exp is 0 and whose product with 0 is 0, not NaN
+        shift = tl.maximum(tl.minimum(c_old - c_new, 0.0), _LOWEST)  # c_old = 0 only while s = 0
+        alpha = tl.exp(shift)
+        h = alpha * h + (alpha * s) * shift
         s = alpha * s
         live = x > _NEG_INF
-        d = tl.where(live, x - c_new, 0.0)
+        d = tl.where(live, tl.maximum(x - c_new, _LOWEST), 0.0)
         e = tl.where(live, tl.exp(d), 0.0)
         s += tl.sum(e, axis=0)
         h += tl.sum(e * d, axis=0)

@@ -122,6 +122,26 @@ def test_nonfinite_entries_flag_the_token(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_further_apart_than_fp32_reaches(backend: str) -> None:
+    """Finite logits whose differences overflow fp32 (x − max = −inf for |x| ≈ 3e38): the
+    row is finite, the far entries have probability 0 (e·d is 0, not 0·(−inf) = NaN); on
+    the Triton kernel also across tiles (the anchor moving by more than fp32 reaches)."""
+    x = torch.zeros(3, 40)
+    x[0, 0], x[0, 1] = 3e38, -3e38
+    x[1, 0], x[1, 39] = -3e38, 3e38  # the maximum arrives in the last tile
+    x[2, 0], x[2, 39] = 3e38, -3e38
+    got = output_stats(x, backend=backend)
+    assert got.finite.all()
+    for name, want in (("entropy", 0.0), ("max_prob", 1.0), ("margin", 1.0)):
+        assert torch.equal(getattr(got, name), torch.full((3,), want)), name
+    if backend == "triton" and HAS_TRITON:
+        from qmetrics.kernels.output_stats import output_stats_triton
+
+        raw = output_stats_triton(x, None, block_v=16)
+        assert torch.equal(raw[:3], torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_for_the_top(backend: str) -> None:
     x = torch.zeros(3, 37)
     x[0, 5] = x[0, 30] = 4.0  # two-way tie for the top: margin 0

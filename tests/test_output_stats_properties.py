@@ -27,12 +27,12 @@ def logit_rows(
     draw, element=finite_logit, max_rows: int = 3, max_vocab: int = 40, masked=True, min_vocab=1
 ):
     """(logits fp32 [N, V], labels [N]); with ``masked`` some entries are −inf (a row may
-    have none finite), and labels may be ``-100``."""
+    have none finite); labels may be ``-100`` or out of range (NaN NLL)."""
     n = draw(st.integers(1, max_rows))
     vocab = draw(st.integers(min_vocab, max_vocab))
     elem = st.one_of(element, st.just(-math.inf)) if masked else element
     values = draw(st.lists(elem, min_size=n * vocab, max_size=n * vocab))
-    label = st.one_of(st.integers(0, vocab - 1), st.just(-100))
+    label = st.one_of(st.integers(0, vocab - 1), st.sampled_from([-100, -1, vocab, vocab + 3]))
     labels = draw(st.lists(label, min_size=n, max_size=n))
     x = torch.tensor(values, dtype=torch.float32).reshape(n, vocab)
     return x, torch.tensor(labels)
@@ -80,8 +80,8 @@ def test_bounds(rows) -> None:
     assert bool((margin >= -TOL).all()) and bool((margin <= p1 + TOL).all())
     top = x.amax(-1)[ok].double()
     assert bool((s.lse[ok].double() >= top - TOL * (1 + top.abs())).all())
-    scored = ok & (labels != -100)
-    picked = x[torch.arange(len(labels)), labels.clamp_min(0)]
+    scored = ok & (labels >= 0) & (labels < x.shape[1])
+    picked = x[torch.arange(len(labels)), labels.clamp(0, x.shape[1] - 1)]
     assert torch.equal(s.nll[scored] == math.inf, picked[scored] == -math.inf)
     finite_nll = scored & (picked > -math.inf)
     nll_floor = -s.max_prob[finite_nll].double().log()
@@ -120,7 +120,8 @@ def test_masked_entries_change_nothing(rows, extra, data) -> None:
             keep.append(True)
     wide = torch.cat(cols, dim=1)
     index = torch.tensor(keep).nonzero().squeeze(1)
-    wide_labels = torch.where(labels >= 0, index[labels.clamp_min(0)], labels)
+    inside = (labels >= 0) & (labels < vocab)
+    wide_labels = torch.where(inside, index[labels.clamp(0, vocab - 1)], -100)
     a = output_stats(x, labels, backend="torch", compile=False)
     b = output_stats(wide, wide_labels, backend="torch", compile=False)
     assert bool(b.finite.all())
@@ -131,6 +132,21 @@ def test_masked_entries_change_nothing(rows, extra, data) -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @settings(deadline=None, max_examples=15)
-@given(logit_rows(max_rows=2, max_vocab=70))
-def test_matches_reference_triton(rows) -> None:
-    _against_reference(*rows, backend="triton")
+@given(logit_rows(max_rows=2, max_vocab=70), st.sampled_from([None, 16]))
+def test_matches_reference_triton(rows, block_v) -> None:
+    """The kernel as ``output_stats`` launches it (one tile here), and with tiles of 16
+    (the online rescaling across tiles, tiles that are all −inf)."""
+    if block_v is None:
+        _against_reference(*rows, backend="triton")
+        return
+    from qmetrics.kernels.output_stats import output_stats_triton
+
+    x, labels = rows
+    raw = output_stats_triton(x, labels, block_v=block_v)
+    ref = reference_output_stats(x, labels)
+    assert torch.equal(raw[5] > 0, ref["finite"])
+    big = 1.0 + float(torch.where(torch.isfinite(x), x.abs(), 0.0).max())
+    for k, name in enumerate(STATS):
+        scale = big if name in ("lse", "nll") else 1.0
+        torch.testing.assert_close(raw[k].double(), ref[name], rtol=1e-5, atol=TOL * scale,
+                                   equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
