@@ -112,7 +112,7 @@ def test_bad_input_exits_2(halves, tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert code == 2 and len(err) == 1, captured.err
-    assert "non-finite logits: broken produced" in err[0] and "of 512 tokens" in err[0]
+    assert "non-finite outputs: broken produced" in err[0] and "of 512 tokens" in err[0]
     assert "ALARM broken: nonfinite_frac" in captured.out  # reported before the error
     snapshot = json.loads((tmp_path / "out" / "snapshot.json").read_text())
     assert 0 < snapshot["nonfinite_total"] < 512  # the window holding that token

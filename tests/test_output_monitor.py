@@ -4,8 +4,10 @@ profile's JSON round trip, the Hugging Face hook, and the JSON lines / Prometheu
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import pickle
 import threading
 
 import numpy as np
@@ -231,6 +233,35 @@ def test_a_read_from_another_thread_waits_for_the_monitor(monkeypatch) -> None:
         assert other.se == pytest.approx(st.se, rel=1e-9), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_observes_on_a_side_stream_and_reads_on_the_default_one() -> None:
+    """A server observing on its own CUDA stream (kept busy, so that unordered work on
+    another stream would run ahead of it) and a scrape reading on the default stream: each
+    call is ordered after the last one's stream, so the window equals a one-stream run."""
+    steps = [_logits(4, 1, v=4096, seed=k).cuda() for k in range(60)]
+    alone = OutputMonitor(window_tokens=128, buckets=4)
+    for step in steps:
+        alone.observe(step, continues=True)
+    alone.end_requests()
+    mon = OutputMonitor(window_tokens=128, buckets=4)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k, step in enumerate(steps):
+            torch.cuda._sleep(200_000)  # ~0.1 ms of GPU time ahead of each step's work
+            mon.observe(step, continues=True)
+            if k % 7 == 3:
+                with torch.cuda.stream(torch.cuda.default_stream()):
+                    mon.summary()
+    mon.end_requests()  # on the default stream again
+    got, want = mon.summary(), alone.summary()
+    assert (got.first_token, got.tokens) == (want.first_token, want.tokens)
+    for name, st in want.stats.items():
+        other = got.stats[name]
+        assert (other.count, other.clusters, other.hist) == (st.count, st.clusters, st.hist)
+        assert other.mean == pytest.approx(st.mean, rel=1e-9), name
+
+
 def test_observe_makes_no_host_sync() -> None:
     mon = OutputMonitor(window_tokens=16, buckets=2)
     x, labels = _logits(2, 5), torch.randint(0, 64, (2, 5))
@@ -418,6 +449,7 @@ def test_gathered_decode_steps_with_masks_equal_steps_one_by_one() -> None:
             mon.observe(x, continues=True, mask=None if k in (5, 6) else keep)
         mon.end_requests()
     assert gathered._decode is not None and gathered._decode.keep is not None
+    assert gathered._decode.stop is None  # a buffer of bool masks, not deferred ones
     assert gathered.tokens_total == 33
     _assert_same_buckets(gathered, one_by_one)
     kept = sum(int(keep.sum()) for k, (x, keep) in enumerate(steps) if k not in (5, 6)) + 6
@@ -616,6 +648,83 @@ def test_jsonl_round_trip_and_prometheus_parses(tmp_path) -> None:
         for s in families["qmetrics_monitor_alarm"].samples
     }
     assert fired == {(a.statistic, a.test) for a in alarms}
+
+
+def test_collector_scrape_reads_the_live_monitor() -> None:
+    """``MonitorCollector`` in a registry, scraped as ``start_http_server`` does
+    (``generate_latest``): one reading per scrape, checked against the profile, with the
+    decode steps still gathered flushed into it."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qmetrics.reports.monitor import MonitorCollector
+
+    ref = OutputMonitor()
+    ref.observe(_logits(8, 16))
+    mon = OutputMonitor()
+    registry = CollectorRegistry()
+    registry.register(MonitorCollector(mon, ref.fit_profile()))
+    mon.observe(_logits(8, 16, seed=3, scale=4.0))
+    for k in range(5):  # gathered, not yet observed
+        mon.observe(_logits(8, 1, seed=10 + k), continues=True)
+    assert mon._decode is not None and mon._decode.steps == 5
+    text = generate_latest(registry).decode("utf-8")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["qmetrics_monitor_tokens"].samples[0].value == 128 + 40
+    assert families["qmetrics_monitor_window_tokens"].samples[0].value == 168
+    assert families["qmetrics_monitor_alarm"].samples  # sharper logits than the profile's
+    mon.end_requests()
+    assert mon.summary().tokens == 168
+
+
+def test_reset_keeps_the_lock_and_a_copy_makes_its_own() -> None:
+    """``reset`` never swaps the lock (a thread waiting on it would run beside the one
+    holding the new one); ``copy.deepcopy`` and pickle (a model the monitor is attached to
+    is deep-copied by ``rtn_quantize``) give a monitor with its own lock and the same state."""
+    mon = OutputMonitor(window_tokens=64, buckets=2)
+    mon.observe(_logits(2, 10))
+    lock = mon._lock
+    mon.reset()
+    assert mon._lock is lock and mon.tokens_total == 0 and mon.vocab_size is None
+    mon.observe(_logits(2, 10, seed=1))
+    for other in (copy.deepcopy(mon), pickle.loads(pickle.dumps(mon))):
+        assert other._lock is not mon._lock
+        assert other.snapshot() == mon.snapshot()
+        other.observe(_logits(2, 10, seed=2))
+        assert other.tokens_total == 40 and mon.tokens_total == 20
+
+
+@pytest.mark.slow
+def test_reset_during_generate_keeps_observing_its_requests() -> None:
+    """A ``reset`` (e.g. from another thread) while ``generate`` runs: the rest of its steps
+    are still decode steps of its two requests, with finished rows masked (the greedy rows of
+    ``test_attach_skips_rows_that_finished_during_generate``: row 0 ends with id 19 after 3
+    tokens), not one-token scoring requests."""
+    pytest.importorskip("transformers")
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(96)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    mon = OutputMonitor(keep_requests=4)
+    calls = []
+
+    def reset_at_third(module, args) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            mon.reset()
+
+    pre = model.register_forward_pre_hook(reset_at_third)
+    handle = mon.attach(model)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=19,
+                             pad_token_id=0)  # fmt: skip
+    handle.remove()
+    pre.remove()
+    assert out[0, 9:].tolist()[:3] == [61, 64, 19] and len(calls) == 8
+    # forwards 3-8 observed: row 0 fed 64 at forward 3, then 19 and pads; row 1 all six
+    assert mon.request_sums()[:, 0, 1].tolist() == [1.0, 6.0]
+    assert mon.summary().stats["entropy"].clusters == 2
 
 
 @pytest.mark.slow

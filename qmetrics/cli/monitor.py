@@ -206,7 +206,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"FAIL {v}")
     if summary.nonfinite:
         raise UsageError(
-            f"non-finite logits: {entry.name} produced {summary.nonfinite} of "
+            f"non-finite outputs: {entry.name} produced {summary.nonfinite} of "
             f"{summary.tokens} tokens with NaN/+inf logits, none finite, or a label of "
             "probability 0 (left out of every statistic)"
         )

@@ -194,8 +194,9 @@ def _request_view(logits: torch.Tensor) -> torch.Tensor | None:
 class UnfinishedRows(NamedTuple):
     """The mask of a ``generate()`` step, evaluated when the gathered steps are observed
     (:func:`unfinished_rows` of the last of ``input_ids`` [B, L] and ``stop``): a step costs no
-    operation for its mask. ``input_ids`` is kept by reference (``generate`` makes a new
-    tensor each step), at most :data:`DEFERRED_IDS_BYTES` of them per monitor."""
+    operation for its mask, short of the steps whose kept ``input_ids`` pass
+    :data:`DEFERRED_IDS_BYTES` (kept by reference: ``generate`` makes a new tensor each step),
+    which evaluate the masks pending so far."""
 
     input_ids: torch.Tensor
     stop: torch.Tensor
@@ -265,11 +266,11 @@ class _DecodeBuffer:
         if isinstance(mask, UnfinishedRows):
             self.deferred.append(mask.input_ids)
             self.deferred_bytes += mask.input_ids.untyped_storage().nbytes()
-            if self.deferred_bytes > DEFERRED_IDS_BYTES:
-                self._resolve(self.steps + 1)
         elif mask is not None:
             self.keep_targets[self.steps].copy_(mask)
         self.steps += 1
+        if self.deferred_bytes > DEFERRED_IDS_BYTES:
+            self._resolve(self.steps)
         return self.steps >= self.limit
 
     def _resolve(self, steps: int) -> None:
@@ -387,25 +388,53 @@ class OutputMonitor:
         self.bucket_tokens = None if window_tokens is None else math.ceil(window_tokens / buckets)
         self.backend = backend
         self.ignore_index = ignore_index
-        self.vocab_size: int | None = None
-        self.tokens_total = 0
-        self._device: torch.device | None = None
-        self._buckets: list[_Bucket] = []
-        self._current = 0
-        self._open: torch.Tensor | None = None  # [S, R, 2]: open requests' (sum, count)
-        self._nonfinite_total: torch.Tensor | None = None
-        self._generating = False
         self.keep_requests = keep_requests
         self.compile = compile
         self.sample_every = sample_every
         self.decode_batch = decode_batch
+        self._generating = False  # set by attach's generate() wrapper while it runs
+        # observe, end_requests, reset and reads take it: a scrape (Prometheus) from another
+        # thread never sees, or breaks, a half-done step
+        self._lock = threading.RLock()
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The observed state, empty (the settings, lock and ``_generating`` stay)."""
+        self.vocab_size: int | None = None
+        self.tokens_total = 0
+        self._device: torch.device | None = None
+        self._stream: Any = None  # CUDA: the stream of the last call that touched the state
+        self._buckets: list[_Bucket] = []
+        self._current = 0
+        self._open: torch.Tensor | None = None  # [S, R, 2]: open requests' (sum, count)
+        self._nonfinite_total: torch.Tensor | None = None
         self._decode: _DecodeBuffer | None = None
         self._calls = 0
         self._request_log: list[torch.Tensor] = []  # closed requests' [S, R, 2] sums, in order
         self._logged = 0
-        # observe, end_requests, reset and reads take it: a scrape (Prometheus) from another
-        # thread never sees, or breaks, a half-done step
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy`` of a model the monitor is attached to) leave
+        the lock and the CUDA stream out; :meth:`__setstate__` makes a new lock."""
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        state["_stream"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.RLock()
+
+    def _join_stream(self, device: torch.device | None) -> None:
+        """CUDA: order this call's work on the current stream after the last call's, made by
+        any thread on any stream (no host wait); the state then belongs to this stream."""
+        if device is None or device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(device)
+        if self._stream is not None and self._stream != current:
+            current.wait_stream(self._stream)
+        self._stream = current
 
     # --- accumulation (no host synchronisation) --------------------------------------------------
 
@@ -442,6 +471,8 @@ class OutputMonitor:
         ones and observed with them in one pass (module docstring). Sync-free; thread-safe
         with reads (a scrape from another thread) and other observes."""
         with self._lock:
+            if isinstance(logits, torch.Tensor):
+                self._join_stream(logits.device)
             buf = self._decode
             if (
                 continues
@@ -661,26 +692,18 @@ class OutputMonitor:
     def end_requests(self) -> None:
         """Close the requests opened by ``observe(..., continues=True)``."""
         with self._lock:
+            self._join_stream(self._device)
             self._observe_gathered()
             if self._open is not None:
                 self._fold(self._open)
                 self._open = None
 
     def reset(self) -> None:
-        """Forget everything observed (the vocabulary size too)."""
+        """Forget everything observed (the vocabulary size too). A ``generate()`` running in
+        :meth:`attach` goes on: its next steps are observed as the start of its requests."""
         with self._lock:
-            lock = self._lock
-            self.__init__(
-                self.window_tokens,
-                buckets=self.n_buckets,
-                backend=self.backend,
-                ignore_index=self.ignore_index,
-                keep_requests=self.keep_requests,
-                compile=self.compile,
-                sample_every=self.sample_every,
-                decode_batch=self.decode_batch,
-            )
-            self._lock = lock  # threads waiting on it see the new state
+            self._join_stream(self._device)
+            self._init_state()
 
     def request_sums(self) -> np.ndarray:
         """[C, S, 2] float64: (sum, count) of each statistic for the first ``keep_requests``
@@ -688,6 +711,7 @@ class OutputMonitor:
         with self._lock:
             if not self._request_log:
                 return np.zeros((0, len(STATISTICS), 2))
+            self._join_stream(self._device)
             sums = torch.cat(self._request_log, dim=1).transpose(0, 1)[: self.keep_requests]
         return sums.cpu().numpy()
 
@@ -698,6 +722,7 @@ class OutputMonitor:
         observed first; open requests counted as clusters of their tokens so far, and left
         open): later observes do not change it, and reading it back waits outside the lock."""
         with self._lock:
+            self._join_stream(self._device)
             self._observe_gathered()
             totals = self.tokens_total, self.vocab_size
             if not self._buckets:
@@ -726,6 +751,10 @@ class OutputMonitor:
         """The monitor's state as a JSON-ready dict: totals, the window, and per statistic
         count, mean ± clustered se, sd, requests and the 5/50/95th percentiles (from the
         histogram: exact to one grid bin). Totals and window are read at one moment."""
+        return self.read()[1]
+
+    def read(self) -> tuple[WindowSummary, dict[str, Any]]:
+        """:meth:`summary` and :meth:`snapshot` of one moment (one capture, one flush)."""
         capture = self._capture()
         s = capture.summary()
         stats = {}
@@ -745,11 +774,11 @@ class OutputMonitor:
                 **pct,
             }
         nonfinite_total = capture.nonfinite_total
-        return {
+        return s, {
             "tokens_total": capture.tokens_total,
             "sample_every": self.sample_every,
             "nonfinite_total": 0 if nonfinite_total is None else int(nonfinite_total),
-            "vocab_size": self.vocab_size,
+            "vocab_size": capture.vocab_size,
             "window": {**s.window(), "nonfinite": s.nonfinite},
             "stats": stats,
         }
@@ -853,7 +882,8 @@ def unfinished_rows(fed: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
     """Bools shaped like ``fed``, the tokens ``generate()`` fed its rows ([B, k]: the last of
     a forward's ``input_ids``, or those of k steps): whether the row was still running, i.e.
     the token is none of the ``stop`` ids (end-of-sequence, pad)."""
-    return torch.isin(fed, stop, invert=True)
+    # a broadcast compare, not torch.isin: isin's sorting path (10+ ids) syncs on CUDA
+    return (fed[..., None] != stop).all(-1)
 
 
 def _stop_token_ids(model: torch.nn.Module, kwargs: dict) -> list[int]:

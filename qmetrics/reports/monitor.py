@@ -138,15 +138,13 @@ class MonitorCollector:
     def collect(self) -> Iterable[Any]:
         from qmetrics.metrics.drift import check_window, drift_values
 
-        summary = self.monitor.summary()
+        summary, snapshot = self.monitor.read()  # one moment: window and totals agree
         values: dict[str, float] = {}
         alarms: list[Alarm] = []
         if self.profile is not None and any(s.count for s in summary.stats.values()):
             values = drift_values(self.profile, summary)
             alarms = check_window(self.profile, summary)
-        yield from prometheus_families(
-            summary, self.monitor.snapshot(), values, alarms, self.prefix
-        )
+        yield from prometheus_families(summary, snapshot, values, alarms, self.prefix)
 
 
 def prometheus_text(
