@@ -17,7 +17,8 @@ monitor on the candidate's traffic, scraped by Prometheus and checked for drift.
    shipper would take; exit 1 on an alarm.
 
 What it showed here (96 requests of 32 sampled tokens per phase): ``none`` raises no alarm
-(|z| ≤ 1.5 over three seeds) and int2 alarms (mean shift of the margin, z ≈ −10; KS; PSI).
+(|z| ≤ 1.5 over three seeds) and int2 alarms on all three statistics (mean shift: entropy
+z = +18, max probability −13, margin −10; PSI; KS), also while scraped over HTTP mid-run.
 int3 and int4 stay within the approved model's own spread on this traffic (|shift| ≤
 0.05 sd; with 4× the requests z = +3.1 for int3 against −2.2 for ``none``): the unpaired
 mean-shift test needs 0.1 sd. ``qmetrics monitor check`` on a fixed corpus pairs each request
