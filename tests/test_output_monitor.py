@@ -182,6 +182,17 @@ def test_masked_logits_are_scored_and_masked_labels_counted(compile: bool) -> No
     assert s.nonfinite_fraction == pytest.approx(1 / 20)
 
 
+def _assert_same_window(got, want, mean_rel: float) -> None:
+    """Two :class:`WindowSummary` of the same tokens: span, counts, requests, histograms,
+    means (to ``mean_rel``) and clustered errors."""
+    assert (got.first_token, got.tokens) == (want.first_token, want.tokens)
+    for name, st in want.stats.items():
+        other = got.stats[name]
+        assert (other.count, other.clusters, other.hist) == (st.count, st.clusters, st.hist)
+        assert other.mean == pytest.approx(st.mean, rel=mean_rel), name
+        assert other.se == pytest.approx(st.se, rel=1e-9), name
+
+
 def test_a_read_from_another_thread_waits_for_the_monitor(monkeypatch) -> None:
     """A read (``summary``, as a Prometheus scrape from its server thread) that flushes the
     gathered decode steps while the serving thread observes the next step: the monitor's lock
@@ -225,12 +236,8 @@ def test_a_read_from_another_thread_waits_for_the_monitor(monkeypatch) -> None:
     thread.join()
     mon.end_requests()
     got, want = mon.summary(), alone.summary()
-    assert got.tokens == want.tokens == 160
-    for name, st in want.stats.items():
-        other = got.stats[name]
-        assert (other.count, other.clusters, other.hist) == (st.count, st.clusters, st.hist)
-        assert other.mean == pytest.approx(st.mean, rel=1e-12), name
-        assert other.se == pytest.approx(st.se, rel=1e-9), name
+    assert got.tokens == 160
+    _assert_same_window(got, want, mean_rel=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -254,12 +261,7 @@ def test_observes_on_a_side_stream_and_reads_on_the_default_one() -> None:
                 with torch.cuda.stream(torch.cuda.default_stream()):
                     mon.summary()
     mon.end_requests()  # on the default stream again
-    got, want = mon.summary(), alone.summary()
-    assert (got.first_token, got.tokens) == (want.first_token, want.tokens)
-    for name, st in want.stats.items():
-        other = got.stats[name]
-        assert (other.count, other.clusters, other.hist) == (st.count, st.clusters, st.hist)
-        assert other.mean == pytest.approx(st.mean, rel=1e-9), name
+    _assert_same_window(mon.summary(), alone.summary(), mean_rel=1e-9)
 
 
 def test_observe_makes_no_host_sync() -> None:
@@ -695,6 +697,20 @@ def test_reset_keeps_the_lock_and_a_copy_makes_its_own() -> None:
         assert other.tokens_total == 40 and mon.tokens_total == 20
 
 
+def _prompts_whose_row_0_ends() -> torch.Tensor:
+    """[2, 9] prompt ids (seed 0) that ``tiny_llama(96)`` continues greedily with
+    [61, 64, 19, …] and [49, 12, 63, 16, 89, 83, 43, 88]."""
+    return torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _generate_until_row_0_ends(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Greedy ``generate`` of 8 tokens with end-of-sequence id 19 (row 0 ends after 3
+    tokens, then is fed pad id 0)."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=19,
+                              pad_token_id=0)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_reset_during_generate_keeps_observing_its_requests() -> None:
     """A ``reset`` (e.g. from another thread) while ``generate`` runs: the rest of its steps
@@ -705,7 +721,7 @@ def test_reset_during_generate_keeps_observing_its_requests() -> None:
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama(96)
-    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = _prompts_whose_row_0_ends()
     mon = OutputMonitor(keep_requests=4)
     calls = []
 
@@ -716,9 +732,7 @@ def test_reset_during_generate_keeps_observing_its_requests() -> None:
 
     pre = model.register_forward_pre_hook(reset_at_third)
     handle = mon.attach(model)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=19,
-                             pad_token_id=0)  # fmt: skip
+    out = _generate_until_row_0_ends(model, ids)
     handle.remove()
     pre.remove()
     assert out[0, 9:].tolist()[:3] == [61, 64, 19] and len(calls) == 8
@@ -789,14 +803,12 @@ def test_attach_skips_rows_that_finished_during_generate(
     monkeypatch.setattr(output_monitor._DecodeBuffer, "_resolve", spy_resolve)
 
     model = tiny_llama(96)
-    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = _prompts_whose_row_0_ends()
     steps: list[torch.Tensor] = []
     spy = model.register_forward_hook(lambda m, a, o: steps.append(o.logits[:, -1].clone()))
     mon = OutputMonitor(keep_requests=2, decode_batch=decode_batch)
     handle = mon.attach(model)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=19,
-                             pad_token_id=0)  # fmt: skip
+    out = _generate_until_row_0_ends(model, ids)
     handle.remove()
     spy.remove()
     assert out[0, 9:].tolist() == [61, 64, 19, 0, 0, 0, 0, 0]
